@@ -69,6 +69,8 @@ class NoiseSchedule:
         if not isinstance(T, int) or isinstance(T, bool) or T < 1:
             raise ValueError(f"T: expected a positive int, got {T!r}")
         if name == "linear":
+            if T <= 20:
+                raise ValueError(f"T: the linear schedule needs T > 20 (its last beta is 20 / T), got {T}")
             return cls(name, _linear_betas(T))
         if name == "cosine":
             return cls(name, _cosine_betas(T))

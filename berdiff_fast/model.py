@@ -1,0 +1,145 @@
+"""BerDiff: the U-Net that estimates the Bernoulli noise, plus its noise schedule."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _checks as check
+from . import functional as F
+from .schedule import NoiseSchedule
+from .unet import PRESETS, UNet, UNetConfig
+
+FORMAT_VERSION = 1
+_META_KEY = "berdiff_config"
+
+
+class BerDiff(nn.Module):
+    """A conditional Bernoulli diffusion model: ``unet`` maps (y_t, image, t) to flip logits.
+
+    Build with ``BerDiff.from_preset("lidc" | "brats" | "tiny", **overrides)``; overrides are
+    U-Net fields (``image_size=64``) or ``schedule``/``T``.
+    """
+
+    def __init__(self, unet_config: UNetConfig, schedule: str = "linear", T: int = 1000, preset: str | None = None):
+        super().__init__()
+        self.preset = preset
+        self.unet = UNet(unet_config)
+        self.schedule = NoiseSchedule.from_name(schedule, T)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BerDiff":
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown {name!r}; expected one of {tuple(PRESETS)}")
+        schedule = overrides.pop("schedule", "linear")
+        T = overrides.pop("T", 1000)
+        cfg = UNetConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+        return cls(cfg, schedule=schedule, T=T, preset=name)
+
+    @property
+    def config(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "preset": self.preset, "schedule": self.schedule.name,
+                "T": self.schedule.T, "unet": self.unet.config.to_dict()}
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return self.unet.config.image_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Flip logits (B,1,H,W): eps_hat = sigmoid(logits) estimates y_t XOR y_0."""
+        return self.unet(y_t, image, t)
+
+    def check_images(self, x, name: str = "x") -> torch.Tensor:
+        """Validate a (B, C, H, W) image batch against this model."""
+        check.tensor(name, x, ndim=4)
+        c, s = self.image_channels, self.image_size
+        if x.shape[1] != c:
+            raise ValueError(f"{name}: the model takes {c} image channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if tuple(x.shape[2:]) != (s, s):
+            raise ValueError(f"{name}: the model takes {s}x{s} images, got {x.shape[2]}x{x.shape[3]}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point image, got {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{name}: on {x.device}, but the model is on {self.device}")
+        check.finite(name, x)
+        return x
+
+    def training_losses(self, x: torch.Tensor, y0: torch.Tensor, *, seed: int | None = None,
+                        generator: torch.Generator | None = None, backend: str | None = None) -> dict[str, torch.Tensor]:
+        """Algorithm 1 for a batch: t ~ U{1..T} per sample, y_t = y_0 XOR eps, the fused loss.
+
+        x (B,C,H,W) images, y0 (B,1,H,W) binary masks. Returns ``loss`` (B,) in bits and ``t``.
+        ``seed`` keys the noise draw (default: drawn from ``generator`` / torch's global RNG).
+        """
+        self.check_images(x)
+        check.tensor("y0", y0, ndim=4)
+        if tuple(y0.shape) != (x.shape[0], 1, *x.shape[2:]):
+            raise ValueError(f"y0: expected shape {(x.shape[0], 1, *x.shape[2:])}, got {tuple(y0.shape)}")
+        check.same_device(x=x, y0=y0)
+        B = x.shape[0]
+        t = torch.randint(1, self.schedule.T + 1, (B,), generator=generator, device="cpu").to(x.device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        y_t, _ = F.q_sample(y0, t, self.schedule, seed, 0, backend=backend)
+        logits = self(y_t, x, t)
+        loss = F.loss(logits, y_t, y0, t, self.schedule, backend=backend)
+        return {"loss": loss, "t": t}
+
+    # --- checkpoints: safetensors weights with the JSON config in the file's metadata -------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights and config to one ``.safetensors`` file, atomically (temp file + rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(self.config)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "BerDiff":
+        """Rebuild a model saved by :meth:`save`. Never unpickles anything."""
+        config, state = read_checkpoint(path)
+        model = cls(UNetConfig.from_dict(config["unet"]), schedule=config["schedule"], T=config["T"],
+                    preset=config.get("preset"))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: weights do not match the config stored with them: {e}") from e
+        return model.to(map_location)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state_dict) of a berdiff-fast safetensors checkpoint, with errors naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated?): {e}") from e
+    if _META_KEY not in meta:
+        raise ValueError(f"{path}: a safetensors file without berdiff-fast config metadata")
+    try:
+        config = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the stored config is not valid JSON: {e}") from e
+    return config, state

@@ -1,0 +1,129 @@
+"""Sampling: k plausible masks per image, their probability maps, saliency and uncertainty.
+
+The k samples of every image run through the U-Net as one batch (chunked to ``max_batch``
+rows to bound memory). Randomness is the shared Philox stream: with n = B * k * H * W
+elements per draw, the start y_T uses offsets [0, n) and step i (0-based) uses
+[(i + 1) n, (i + 2) n), element j being row-major over (B, k, H, W). Chunking therefore
+never changes the result, and every backend gives the same masks for the same seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import _checks as check
+from . import functional as F
+from .model import BerDiff
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class SampleResult:
+    """Outputs of :func:`sample` (B images, k samples each).
+
+    masks        (B, k, H, W) bool     the sampled masks, probs > 0.5
+    probs        (B, k, H, W) float32  each sample's final y0_hat map (DESIGN §1)
+    saliency     (B, H, W)    float32  mean of the k masks: how often a pixel is foreground
+    uncertainty  (B, H, W)    float32  per-pixel binary entropy of the k masks, in bits (0..1)
+    timesteps    (S,) long             the paper-time steps visited, descending
+    seed         int                   the Philox seed used (pass it back to reproduce)
+    """
+
+    masks: torch.Tensor
+    probs: torch.Tensor
+    saliency: torch.Tensor
+    uncertainty: torch.Tensor
+    timesteps: torch.Tensor
+    seed: int
+
+
+def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -p log2 p - (1 - p) log2 (1 - p), with 0 log 0 = 0."""
+    return -(torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0, dtype=p.dtype))
+
+
+def _validate(model, x, steps, k, seed, eta, sampler, max_batch):
+    if not isinstance(model, BerDiff):
+        raise ValueError(f"model: expected a berdiff_fast.BerDiff, got {type(model).__name__}")
+    model.check_images(x)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k: expected a positive int (samples per image), got {k!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: unknown {sampler!r}; expected one of {SAMPLERS}")
+    T = model.schedule.T
+    if sampler == "ddpm" and steps not in (None, T):
+        raise ValueError(f"steps: the DDPM sampler visits all T = {T} steps; pass steps=None "
+                         f"or use sampler='ddim' for a {steps}-step sub-sequence")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch: expected a positive int, got {max_batch!r}")
+    return check.eta(eta)
+
+
+@torch.inference_mode()
+def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16, seed: int | None = None,
+           eta: float = 1.0, sampler: Literal["ddim", "ddpm"] = "ddim", *, spacing: str = "even",
+           max_batch: int = 256, backend: str | None = None, progress: bool = False) -> SampleResult:
+    """Draw k masks for each image of x (B, C, H, W) with the reverse Bernoulli process (Algorithm 2).
+
+    steps: U-Net evaluations for DDIM (default 50; ``spacing`` "even" or "original", see
+        NoiseSchedule.timesteps); DDPM always visits all T steps (steps None or T).
+    eta: DDIM stochasticity in [0, 1] (1, the default, as the released code).
+    seed: Philox seed; None draws one from torch's global RNG (reported in the result).
+    max_batch: most U-Net rows per forward pass; B * k rows are processed in chunks of it.
+    """
+    eta = _validate(model, x, steps, k, seed, eta, sampler, max_batch)
+    sched = model.schedule
+    ts = torch.arange(sched.T, 0, -1) if sampler == "ddpm" else sched.timesteps(steps if steps is not None else 50, spacing)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    was_training = model.training
+    model.eval()
+    try:
+        probs = _run(model, x, ts, k, seed, eta, sampler, max_batch, backend, progress)
+    finally:
+        model.train(was_training)
+    B, (H, W) = x.shape[0], x.shape[2:]
+    probs = probs.view(B, k, H, W)
+    masks = probs > 0.5
+    saliency = masks.float().mean(1)
+    return SampleResult(masks=masks, probs=probs, saliency=saliency,
+                        uncertainty=binary_entropy_bits(saliency), timesteps=ts, seed=seed)
+
+
+def _run(model, x, ts, k, seed, eta, sampler, max_batch, backend, progress) -> torch.Tensor:
+    """The sampling loop over row chunks of the (B * k) batch; returns y0_hat (B * k, 1, H, W) float32."""
+    sched, dev = model.schedule, x.device
+    x = x.to(next(model.parameters()).dtype)
+    rows = x.repeat_interleave(k, dim=0)
+    n_rows, (H, W) = rows.shape[0], rows.shape[2:]
+    hw, n_total = H * W, rows.shape[0] * H * W
+    ts = ts.to(dev)
+    targets = torch.cat([ts[1:], ts.new_zeros(1)])
+    out = torch.empty(n_rows, 1, H, W, dtype=torch.float32, device=dev)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(ts) * -(-n_rows // max_batch), desc="sampling", unit="step")
+    for lo in range(0, n_rows, max_batch):
+        hi = min(lo + max_batch, n_rows)
+        xc, n = rows[lo:hi], hi - lo
+        y = F.init_noise((n, 1, H, W), seed, lo * hw, device=dev, dtype=torch.float32, backend=backend)
+        for i in range(len(ts)):
+            t, s = ts[i].repeat(n), targets[i].repeat(n)
+            logits = model(y, xc, t)
+            if i == len(ts) - 1:
+                out[lo:hi] = F.predict_y0(logits, y, backend=backend)
+            elif sampler == "ddpm":
+                y = F.ddpm_step(logits, y, t, sched, seed, (i + 1) * n_total + lo * hw, backend=backend)
+            else:
+                y = F.ddim_step(logits, y, t, s, sched, seed, (i + 1) * n_total + lo * hw, eta, backend=backend)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out

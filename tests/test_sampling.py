@@ -1,0 +1,149 @@
+import pytest
+import torch
+
+import berdiff_fast as bf
+from berdiff_fast import reference, rng
+from berdiff_fast.sampling import binary_entropy_bits
+
+
+def _model(T=1000, seed=0, image_size=16):
+    """A tiny model moved off its zero initialisation so its predictions depend on the inputs."""
+    torch.manual_seed(seed)
+    m = bf.BerDiff.from_preset("tiny", image_size=image_size, T=T)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_outputs_shapes_and_summaries(model, images):
+    out = bf.sample(model, images, steps=4, k=5, seed=11, backend="torch")
+    assert out.masks.shape == (3, 5, 16, 16) and out.masks.dtype == torch.bool
+    assert out.probs.shape == (3, 5, 16, 16) and out.probs.dtype == torch.float32
+    assert torch.equal(out.masks, out.probs > 0.5)
+    assert torch.allclose(out.saliency, out.masks.float().mean(1))
+    assert out.uncertainty.shape == (3, 16, 16)
+    assert torch.allclose(out.uncertainty, binary_entropy_bits(out.saliency))
+    assert ((out.uncertainty >= 0) & (out.uncertainty <= 1)).all()
+    assert (out.uncertainty[(out.saliency == 0) | (out.saliency == 1)] == 0).all()
+    assert out.seed == 11 and out.timesteps.tolist() == [1000, 750, 500, 250]
+    assert out.masks.any() and not out.masks.all()  # not a degenerate constant output
+
+
+def test_same_seed_same_result_other_seed_differs(model, images):
+    a = bf.sample(model, images, steps=3, k=4, seed=5)
+    b = bf.sample(model, images, steps=3, k=4, seed=5)
+    c = bf.sample(model, images, steps=3, k=4, seed=6)
+    assert torch.equal(a.probs, b.probs) and torch.equal(a.masks, b.masks)
+    assert not torch.equal(a.probs, c.probs)
+    torch.manual_seed(0)
+    d = bf.sample(model, images, steps=3, k=4)
+    torch.manual_seed(0)
+    e = bf.sample(model, images, steps=3, k=4)
+    assert d.seed == e.seed and torch.equal(d.probs, e.probs)
+
+
+def test_chunking_does_not_change_the_result(model, images):
+    # Same random numbers for every row whatever the chunk; the U-Net's float results may differ
+    # in the last bits between batch sizes (different convolution algorithms), hence allclose.
+    full = bf.sample(model, images, steps=3, k=4, seed=9, max_batch=256)
+    for chunk in (1, 7):
+        part = bf.sample(model, images, steps=3, k=4, seed=9, max_batch=chunk)
+        assert torch.equal(part.masks, full.masks)
+        assert torch.allclose(part.probs, full.probs, atol=1e-5)
+
+
+def test_k_samples_run_as_one_batch(model, images):
+    batches = []
+    hook = model.unet.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[0]))
+    try:
+        bf.sample(model, images, steps=3, k=4, seed=1)
+    finally:
+        hook.remove()
+    assert batches == [12, 12, 12]  # 3 U-Net calls, each on all B * k rows
+
+
+def test_matches_an_independent_loop_over_the_reference(model, images):
+    """The documented stream layout: y_T at offsets [0, n), step i at [(i+1) n, (i+2) n)."""
+    k, seed, eta = 2, 21, 0.7
+    out = bf.sample(model, images, steps=3, k=k, seed=seed, eta=eta, backend="torch")
+    sched = model.schedule
+    x = images.repeat_interleave(k, 0)
+    n = x.numel()
+    y = (rng.uniform(seed, 0, n).view(x.shape) < 0.5).float()
+    ts = [1000, 667, 333, 0]
+    with torch.no_grad():
+        for i in range(3):
+            t = torch.full((x.shape[0],), ts[i])
+            e = torch.sigmoid(model(y, x, t))
+            if i == 2:
+                y0_hat = reference.predict_y0(y, e)
+                break
+            _, _, ab_t, fl_t = sched.gather(t, 4)
+            _, _, ab_s, fl_s = sched.gather(torch.full_like(t, ts[i + 1]), 4)
+            p = reference.ddim_prob(y, reference.predict_y0(y, e), ab_t, fl_t, ab_s, fl_s, eta)
+            y = (rng.uniform(seed, (i + 1) * n, n).view(x.shape) < p).float()
+    assert torch.allclose(out.probs, y0_hat.view(3, k, 16, 16), atol=1e-6)
+
+
+def test_ddpm_visits_all_steps():
+    m = _model(T=25)
+    x = torch.randn(2, 1, 16, 16)
+    calls = []
+    hook = m.unet.register_forward_hook(lambda mod, args, out: calls.append(int(args[2][0])))
+    try:
+        out = bf.sample(m, x, steps=None, k=3, seed=0, sampler="ddpm")
+    finally:
+        hook.remove()
+    assert calls == list(range(25, 0, -1)) and out.masks.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="steps: the DDPM sampler visits all T = 25 steps"):
+        bf.sample(m, x, steps=5, sampler="ddpm")
+
+
+def test_original_spacing(model, images):
+    out = bf.sample(model, images, steps=10, k=1, seed=0, spacing="original")
+    assert out.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k: expected a positive int"),
+    (dict(k=2.0), "k: expected a positive int"),
+    (dict(steps=0), "steps: expected an int in 1..1000"),
+    (dict(steps=1001), "steps: expected an int in 1..1000"),
+    (dict(eta=1.5), "eta"),
+    (dict(sampler="plms"), "sampler: unknown 'plms'"),
+    (dict(seed=-3), "seed"),
+    (dict(max_batch=0), "max_batch"),
+    (dict(spacing="log"), "spacing: unknown"),
+])
+def test_bad_arguments(model, images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bf.sample(model, images, **kwargs)
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(1, 16, 16), "x: expected 4 dimensions"),
+    (torch.randn(2, 3, 16, 16), "x: the model takes 1 image channel"),
+    (torch.randn(2, 1, 32, 32), "x: the model takes 16x16 images"),
+    (torch.full((2, 1, 16, 16), float("inf")), "x: contains NaN or inf"),
+    (torch.ones(2, 1, 16, 16, dtype=torch.long), "x: expected a floating-point image"),
+    (torch.randn(2, 1, 16, 16, device="meta"), "x: on meta"),
+])
+def test_bad_images(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        bf.sample(model, x, steps=2, k=2)
+
+
+def test_not_a_model(images):
+    with pytest.raises(ValueError, match="model: expected a berdiff_fast.BerDiff"):
+        bf.sample(torch.nn.Identity(), images)
