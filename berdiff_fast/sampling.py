@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from . import _checks as check
-from . import functional as F
+from . import backends
+from . import fast as fast_path
 from .model import BerDiff
 
 SAMPLERS = ("ddim", "ddpm")
@@ -67,7 +68,8 @@ def _validate(model, x, steps, k, seed, eta, sampler, max_batch):
 @torch.inference_mode()
 def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16, seed: int | None = None,
            eta: float = 1.0, sampler: Literal["ddim", "ddpm"] = "ddim", *, spacing: str = "even",
-           max_batch: int = 256, backend: str | None = None, progress: bool = False) -> SampleResult:
+           max_batch: int = 256, backend: str | None = None, fast: bool | None = None,
+           graph: bool | None = None, dtype: torch.dtype | None = None, progress: bool = False) -> SampleResult:
     """Draw k masks for each image of x (B, C, H, W) with the reverse Bernoulli process (Algorithm 2).
 
     steps: U-Net evaluations for DDIM (default 50; ``spacing`` "even" or "original", see
@@ -75,16 +77,31 @@ def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16,
     eta: DDIM stochasticity in [0, 1] (1, the default, as the released code).
     seed: Philox seed; None draws one from torch's global RNG (reported in the result).
     max_batch: most U-Net rows per forward pass; B * k rows are processed in chunks of it.
+    backend: the fused ops' backend (None: automatic, see berdiff_fast.backends).
+    fast: the compiled U-Net (and on CUDA the CUDA-graph loop); None = on unless BERDIFF_FAST=0.
+        Compiled modules and graphs are cached (berdiff_fast.fast.clear_cache()).
+    graph: replay the sampling step as a CUDA graph (None: whenever ``fast`` runs on CUDA).
+    dtype: U-Net compute dtype on the fast CUDA path: bfloat16 by default there, else float32.
     """
     eta = _validate(model, x, steps, k, seed, eta, sampler, max_batch)
-    sched = model.schedule
+    sched, dev = model.schedule, x.device
     ts = torch.arange(sched.T, 0, -1) if sampler == "ddpm" else sched.timesteps(steps if steps is not None else 50, spacing)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    use_fast = fast_path.enabled(fast, dev)
+    if dtype is None:
+        dtype = torch.bfloat16 if use_fast and dev.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if graph and (not use_fast or dev.type != "cuda"):
+        raise ValueError("graph: CUDA-graph replay needs fast=True and CUDA tensors")
+    ops = backends.resolve(backend, dev)
     was_training = model.training
     model.eval()
     try:
-        probs = _run(model, x, ts, k, seed, eta, sampler, max_batch, backend, progress)
+        net = fast_path.compiled_unet(model, dev) if use_fast else model.unet
+        probs = _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype,
+                     use_graph=use_fast and dev.type == "cuda" and graph is not False, progress=progress)
     finally:
         model.train(was_training)
     B, (H, W) = x.shape[0], x.shape[2:]
@@ -95,33 +112,46 @@ def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16,
                         uncertainty=binary_entropy_bits(saliency), timesteps=ts, seed=seed)
 
 
-def _run(model, x, ts, k, seed, eta, sampler, max_batch, backend, progress) -> torch.Tensor:
-    """The sampling loop over row chunks of the (B * k) batch; returns y0_hat (B * k, 1, H, W) float32."""
+def _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype, use_graph, progress) -> torch.Tensor:
+    """The sampling loop over row chunks of the (B * k) batch; returns y0_hat (B * k, 1, H, W) float32.
+
+    ``ops`` is a backend module, called without re-validation: the arguments were checked once.
+    """
     sched, dev = model.schedule, x.device
-    x = x.to(next(model.parameters()).dtype)
-    rows = x.repeat_interleave(k, dim=0)
+    rows = x.to(torch.float32).repeat_interleave(k, dim=0)
     n_rows, (H, W) = rows.shape[0], rows.shape[2:]
     hw, n_total = H * W, rows.shape[0] * H * W
     ts = ts.to(dev)
     targets = torch.cat([ts[1:], ts.new_zeros(1)])
     out = torch.empty(n_rows, 1, H, W, dtype=torch.float32, device=dev)
+    n_chunks = -(-n_rows // max_batch)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(ts) * -(-n_rows // max_batch), desc="sampling", unit="step")
+        bar = tqdm(total=n_chunks if use_graph else len(ts) * n_chunks, desc="sampling",
+                   unit="chunk" if use_graph else "step")
     for lo in range(0, n_rows, max_batch):
         hi = min(lo + max_batch, n_rows)
         xc, n = rows[lo:hi], hi - lo
-        y = F.init_noise((n, 1, H, W), seed, lo * hw, device=dev, dtype=torch.float32, backend=backend)
+        if use_graph:
+            g = fast_path.graph_sampler(model, net, ops, n, tuple(rows.shape[1:]), ts, sampler, eta, dtype, dev,
+                                        ops.__name__)
+            out[lo:hi] = g.run(xc, seed, lo * hw, n_total)
+            if bar is not None:
+                bar.update(1)
+            continue
+        y = ops.init_noise((n, 1, H, W), seed, lo * hw, dev, torch.float32)
         for i in range(len(ts)):
             t, s = ts[i].repeat(n), targets[i].repeat(n)
-            logits = model(y, xc, t)
+            with fast_path.autocast(dev, dtype):
+                logits = net(y, xc, t)
+            offset = (i + 1) * n_total + lo * hw
             if i == len(ts) - 1:
-                out[lo:hi] = F.predict_y0(logits, y, backend=backend)
+                out[lo:hi] = ops.predict_y0(logits, y)
             elif sampler == "ddpm":
-                y = F.ddpm_step(logits, y, t, sched, seed, (i + 1) * n_total + lo * hw, backend=backend)
+                y = ops.ddpm_step(logits, y, t, sched, seed, offset, False)
             else:
-                y = F.ddim_step(logits, y, t, s, sched, seed, (i + 1) * n_total + lo * hw, eta, backend=backend)
+                y = ops.ddim_step(logits, y, t, s, sched, seed, offset, eta, False)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

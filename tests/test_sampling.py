@@ -1,9 +1,14 @@
+import functools
+
 import pytest
 import torch
 
 import berdiff_fast as bf
 from berdiff_fast import reference, rng
 from berdiff_fast.sampling import binary_entropy_bits
+
+# The reference path: eager U-Net (the fast path has tests of its own in test_fast_sampler.py).
+sample = functools.partial(bf.sample, fast=False)
 
 
 def _model(T=1000, seed=0, image_size=16):
@@ -27,7 +32,7 @@ def images():
 
 
 def test_outputs_shapes_and_summaries(model, images):
-    out = bf.sample(model, images, steps=4, k=5, seed=11, backend="torch")
+    out = sample(model, images, steps=4, k=5, seed=11, backend="torch")
     assert out.masks.shape == (3, 5, 16, 16) and out.masks.dtype == torch.bool
     assert out.probs.shape == (3, 5, 16, 16) and out.probs.dtype == torch.float32
     assert torch.equal(out.masks, out.probs > 0.5)
@@ -41,24 +46,24 @@ def test_outputs_shapes_and_summaries(model, images):
 
 
 def test_same_seed_same_result_other_seed_differs(model, images):
-    a = bf.sample(model, images, steps=3, k=4, seed=5)
-    b = bf.sample(model, images, steps=3, k=4, seed=5)
-    c = bf.sample(model, images, steps=3, k=4, seed=6)
+    a = sample(model, images, steps=3, k=4, seed=5)
+    b = sample(model, images, steps=3, k=4, seed=5)
+    c = sample(model, images, steps=3, k=4, seed=6)
     assert torch.equal(a.probs, b.probs) and torch.equal(a.masks, b.masks)
     assert not torch.equal(a.probs, c.probs)
     torch.manual_seed(0)
-    d = bf.sample(model, images, steps=3, k=4)
+    d = sample(model, images, steps=3, k=4)
     torch.manual_seed(0)
-    e = bf.sample(model, images, steps=3, k=4)
+    e = sample(model, images, steps=3, k=4)
     assert d.seed == e.seed and torch.equal(d.probs, e.probs)
 
 
 def test_chunking_does_not_change_the_result(model, images):
     # Same random numbers for every row whatever the chunk; the U-Net's float results may differ
     # in the last bits between batch sizes (different convolution algorithms), hence allclose.
-    full = bf.sample(model, images, steps=3, k=4, seed=9, max_batch=256)
+    full = sample(model, images, steps=3, k=4, seed=9, max_batch=256)
     for chunk in (1, 7):
-        part = bf.sample(model, images, steps=3, k=4, seed=9, max_batch=chunk)
+        part = sample(model, images, steps=3, k=4, seed=9, max_batch=chunk)
         assert torch.equal(part.masks, full.masks)
         assert torch.allclose(part.probs, full.probs, atol=1e-5)
 
@@ -67,7 +72,7 @@ def test_k_samples_run_as_one_batch(model, images):
     batches = []
     hook = model.unet.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[0]))
     try:
-        bf.sample(model, images, steps=3, k=4, seed=1)
+        sample(model, images, steps=3, k=4, seed=1)
     finally:
         hook.remove()
     assert batches == [12, 12, 12]  # 3 U-Net calls, each on all B * k rows
@@ -76,7 +81,7 @@ def test_k_samples_run_as_one_batch(model, images):
 def test_matches_an_independent_loop_over_the_reference(model, images):
     """The documented stream layout: y_T at offsets [0, n), step i at [(i+1) n, (i+2) n)."""
     k, seed, eta = 2, 21, 0.7
-    out = bf.sample(model, images, steps=3, k=k, seed=seed, eta=eta, backend="torch")
+    out = sample(model, images, steps=3, k=k, seed=seed, eta=eta, backend="torch")
     sched = model.schedule
     x = images.repeat_interleave(k, 0)
     n = x.numel()
@@ -102,16 +107,16 @@ def test_ddpm_visits_all_steps():
     calls = []
     hook = m.unet.register_forward_hook(lambda mod, args, out: calls.append(int(args[2][0])))
     try:
-        out = bf.sample(m, x, steps=None, k=3, seed=0, sampler="ddpm")
+        out = sample(m, x, steps=None, k=3, seed=0, sampler="ddpm")
     finally:
         hook.remove()
     assert calls == list(range(25, 0, -1)) and out.masks.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="steps: the DDPM sampler visits all T = 25 steps"):
-        bf.sample(m, x, steps=5, sampler="ddpm")
+        sample(m, x, steps=5, sampler="ddpm")
 
 
 def test_original_spacing(model, images):
-    out = bf.sample(model, images, steps=10, k=1, seed=0, spacing="original")
+    out = sample(model, images, steps=10, k=1, seed=0, spacing="original")
     assert out.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
 
 
@@ -128,7 +133,7 @@ def test_original_spacing(model, images):
 ])
 def test_bad_arguments(model, images, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        bf.sample(model, images, **kwargs)
+        sample(model, images, **kwargs)
 
 
 @pytest.mark.parametrize("x, match", [
@@ -141,9 +146,9 @@ def test_bad_arguments(model, images, kwargs, match):
 ])
 def test_bad_images(model, x, match):
     with pytest.raises(ValueError, match=match):
-        bf.sample(model, x, steps=2, k=2)
+        sample(model, x, steps=2, k=2)
 
 
 def test_not_a_model(images):
     with pytest.raises(ValueError, match="model: expected a berdiff_fast.BerDiff"):
-        bf.sample(torch.nn.Identity(), images)
+        sample(torch.nn.Identity(), images)

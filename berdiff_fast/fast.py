@@ -1,0 +1,140 @@
+"""The fast sampling path: a compiled U-Net and, on CUDA, a CUDA-graph-captured sampling step.
+
+Almost all sampling time is the U-Net (DESIGN §2); the rest is what happens between its calls.
+On CUDA one whole step (U-Net in bf16 autocast + the fused step kernel writing y_s back into a
+static buffer + a device-side step counter) is captured once as a CUDA graph and replayed S - 1
+times; timesteps, the Philox offset and the seed are read on the device, so the loop never
+synchronises with the host. The last step (y0_hat instead of a draw) is a second graph.
+
+Compiled modules and graphs are cached per (model, rows, image shape, steps, sampler, eta,
+dtype, device, backend) and reused across calls; ``clear_cache()`` drops them (call it after
+replacing a model's parameters with new tensors, e.g. ``load_state_dict(..., assign=True)``;
+in-place updates such as an optimiser step are seen by the cached graphs).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from contextlib import nullcontext
+
+import torch
+
+COMPILE_MODE_CUDA = "max-autotune-no-cudagraphs"  # CUDA graphs are ours: one per sampling step
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_graphs: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+stats = {"compiles": 0, "graph_captures": 0}
+
+
+def clear_cache() -> None:
+    """Forget every compiled U-Net and captured sampling graph."""
+    _compiled.clear()
+    _graphs.clear()
+    torch._dynamo.reset()
+
+
+def enabled(fast: bool | None, device: torch.device) -> bool:
+    """``fast=None`` means on, unless the environment sets BERDIFF_FAST=0."""
+    if fast is None:
+        return os.environ.get("BERDIFF_FAST", "1") != "0"
+    return bool(fast)
+
+
+def compiled_unet(model, device: torch.device, mode: str | None = None):
+    """``torch.compile(model.unet)``, fullgraph with static shapes, cached per model and mode.
+
+    The mode defaults to max-autotune-no-cudagraphs on CUDA (its autotuning takes minutes on
+    the first call) and to Inductor's default on CPU; $BERDIFF_COMPILE_MODE overrides it.
+    """
+    mode = mode or os.environ.get("BERDIFF_COMPILE_MODE") or (COMPILE_MODE_CUDA if device.type == "cuda" else None)
+    per_model = _compiled.setdefault(model, {})
+    net = per_model.get(mode)
+    if net is None:
+        net = torch.compile(model.unet, fullgraph=True, dynamic=False, mode=mode)
+        per_model[mode] = net
+        stats["compiles"] += 1
+    return net
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return nullcontext()
+
+
+class GraphSampler:
+    """One chunk of ``n`` rows sampled by replaying captured CUDA graphs (see module docstring)."""
+
+    def __init__(self, net, ops, sched, n: int, image_shape, ts: torch.Tensor, sampler: str, eta: float,
+                 dtype: torch.dtype, device: torch.device):
+        C, H, W = image_shape
+        self.net, self.ops, self.sched, self.n = net, ops, sched, n
+        self.sampler, self.eta, self.dtype, self.device = sampler, eta, dtype, device
+        self.steps = len(ts)
+        self.ts = ts.to(device)
+        self.ss = torch.cat([self.ts[1:], self.ts.new_zeros(1)])
+        z = lambda *shape, dt=torch.float32: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        self.x = z(n, C, H, W).contiguous(memory_format=torch.channels_last)
+        self.y = z(n, 1, H, W)
+        self.out = z(n, 1, H, W)
+        self.step, self.seed, self.base, self.n_total, self.offset = (z(1, dt=torch.int64) for _ in range(5))
+
+        # Warm up on a side stream (compilation, autotuning, cached tables), then capture.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step.zero_()
+                self._step()
+                self._last()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.g_step, self.g_last = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.g_step):
+            self._step()
+        with torch.cuda.graph(self.g_last):
+            self._last()
+        stats["graph_captures"] += 1
+
+    def _t(self, table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, self.step).expand(self.n).contiguous()
+
+    def _logits(self, t):
+        with autocast(self.device, self.dtype):
+            return self.net(self.y, self.x, t)
+
+    def _step(self):
+        t = self._t(self.ts)
+        torch.add(self.base, (self.step + 1) * self.n_total, out=self.offset)
+        logits = self._logits(t)
+        if self.sampler == "ddpm":
+            y = self.ops.ddpm_step(logits, self.y, t, self.sched, self.seed, self.offset, False)
+        else:
+            y = self.ops.ddim_step(logits, self.y, t, self._t(self.ss), self.sched, self.seed, self.offset,
+                                   self.eta, False)
+        self.y.copy_(y)
+        self.step.add_(1)
+
+    def _last(self):
+        self.out.copy_(self.ops.predict_y0(self._logits(self._t(self.ts)), self.y))
+
+    def run(self, x: torch.Tensor, seed: int, base: int, n_total: int) -> torch.Tensor:
+        """y0_hat (n, 1, H, W) for the rows ``x`` whose draws start at stream offset ``base``."""
+        self.x.copy_(x)
+        self.seed.fill_(seed)
+        self.base.fill_(base)
+        self.n_total.fill_(n_total)
+        self.step.zero_()
+        self.y.copy_(self.ops.init_noise(tuple(self.y.shape), self.seed, self.base, self.device, torch.float32))
+        for _ in range(self.steps - 1):
+            self.g_step.replay()
+        self.g_last.replay()
+        return self.out.clone()
+
+
+def graph_sampler(model, net, ops, n, image_shape, ts, sampler, eta, dtype, device, backend_name) -> GraphSampler:
+    key = (n, tuple(image_shape), tuple(ts.tolist()), sampler, eta, dtype, str(device), backend_name)
+    per_model = _graphs.setdefault(model, {})
+    g = per_model.get(key)
+    if g is None:
+        g = GraphSampler(net, ops, model.schedule, n, image_shape, ts, sampler, eta, dtype, device)
+        per_model[key] = g
+    return g

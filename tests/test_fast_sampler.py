@@ -1,0 +1,88 @@
+"""The fast sampling path (compiled U-Net; CUDA graphs on a GPU) against the reference path."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import berdiff_fast as bf
+from berdiff_fast import fast
+from conftest import requires_cuda
+
+
+def _model(device="cpu", image_size=16):
+    torch.manual_seed(0)
+    m = bf.BerDiff.from_preset("tiny", image_size=image_size)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval().to(device)
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    fast.clear_cache()
+    yield _model()
+    fast.clear_cache()
+
+
+def test_cpu_fast_path_gives_the_reference_masks_and_reuses_its_compilation(cpu_model):
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    ref = bf.sample(cpu_model, x, steps=3, k=3, seed=17, fast=False, backend="torch")
+    got = bf.sample(cpu_model, x, steps=3, k=3, seed=17, fast=True, backend="torch")
+    assert torch.equal(got.masks, ref.masks)
+    assert torch.allclose(got.probs, ref.probs, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    again = bf.sample(cpu_model, x, steps=3, k=3, seed=17, fast=True, backend="torch")
+    assert counters["stats"]["unique_graphs"] == graphs  # same shapes: no recompilation
+    assert fast.stats["compiles"] >= 1 and len(fast._compiled[cpu_model]) == 1
+    assert torch.equal(again.probs, got.probs)
+
+
+def test_cpu_fast_path_recompiles_for_new_shapes(cpu_model):
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    bf.sample(cpu_model, x, steps=2, k=2, seed=1, fast=True, backend="torch")
+    graphs = counters["stats"]["unique_graphs"]
+    ref = bf.sample(cpu_model, x, steps=2, k=5, seed=1, fast=False, backend="torch")
+    got = bf.sample(cpu_model, x, steps=2, k=5, seed=1, fast=True, backend="torch")
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert torch.equal(got.masks, ref.masks)
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv("BERDIFF_FAST", "0")
+    assert not fast.enabled(None, torch.device("cpu"))
+    assert fast.enabled(True, torch.device("cpu"))
+    monkeypatch.delenv("BERDIFF_FAST")
+    assert fast.enabled(None, torch.device("cpu"))
+
+
+def test_bad_dtype(cpu_model):
+    with pytest.raises(ValueError, match="dtype: expected"):
+        bf.sample(cpu_model, torch.randn(1, 1, 16, 16), steps=2, k=1, fast=False, dtype=torch.float64)
+
+
+@requires_cuda
+def test_cuda_graph_path_gives_the_reference_masks_in_fp32():
+    m = _model("cuda")
+    x = torch.randn(2, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ref = bf.sample(m, x, steps=5, k=4, seed=3, fast=False, dtype=torch.float32)
+    got = bf.sample(m, x, steps=5, k=4, seed=3, fast=True, dtype=torch.float32)
+    # fp32 convolutions may take other algorithms when compiled; allow draws within rounding of p.
+    assert (got.masks != ref.masks).float().mean() < 1e-3
+    captures = fast.stats["graph_captures"]
+    again = bf.sample(m, x, steps=5, k=4, seed=3, fast=True, dtype=torch.float32)
+    assert fast.stats["graph_captures"] == captures and torch.equal(again.probs, got.probs)
+    other = bf.sample(m, x, steps=5, k=4, seed=4, fast=True, dtype=torch.float32)
+    assert not torch.equal(other.probs, got.probs)  # the seed lives on the device: replays see it
+
+
+@requires_cuda
+def test_cuda_bf16_step_probabilities_agree_with_fp32():
+    m = _model("cuda")
+    x = torch.randn(8, 1, 16, 16, device="cuda")
+    y = (torch.rand(8, 1, 16, 16, device="cuda") < 0.5).float()
+    t = torch.full((8,), 500, device="cuda")
+    with torch.no_grad():
+        p32 = torch.sigmoid(m(y, x, t))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            p16 = torch.sigmoid(m(y, x, t).float())
+    assert (p32 - p16).abs().max() < 2e-2  # the documented bf16 tolerance of y0_hat per step
