@@ -124,7 +124,6 @@ def loss_terms(logits, y_t, y0, is_first, a_t, bh_t, ab_prev, flip_prev) -> dict
     # Decoder NLL at t = 1: -log B(y_0; |y_t - eps_hat|) equals BCE(logits, y_t XOR y_0) exactly.
     first = is_first.view(-1, *([1] * (logits.ndim - 1)))
     kl = torch.where(first, bce_with_logits(logits, eps), kl)
-    dims = tuple(range(1, logits.ndim))
-    kl = kl.mean(dims) / LN2
-    bce = bce.mean(dims) / LN2
+    kl = kl.reshape(kl.shape[0], -1).mean(1) / LN2
+    bce = bce.reshape(bce.shape[0], -1).mean(1) / LN2
     return {"kl": kl, "bce": bce, "loss": kl + bce}

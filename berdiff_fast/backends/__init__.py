@@ -32,11 +32,17 @@ _MODULES = {
 ENV_VAR = "BERDIFF_BACKEND"
 
 
+_loaded: dict[str, ModuleType | None] = {}
+
+
 def _load(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError:
-        return None
+    # Imported once, then looked up: torch.compile can trace a dict lookup but not an import.
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError:
+            _loaded[name] = None
+    return _loaded[name]
 
 
 def available(name: str, device: torch.device) -> bool:
