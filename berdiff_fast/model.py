@@ -91,36 +91,67 @@ class BerDiff(nn.Module):
         t = torch.randint(1, self.schedule.T + 1, (B,), generator=generator, device="cpu").to(x.device)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        y_t, _ = F.q_sample(y0, t, self.schedule, seed, 0, backend=backend)
-        logits = self(y_t, x, t)
-        loss = F.loss(logits, y_t, y0, t, self.schedule, backend=backend)
-        return {"loss": loss, "t": t}
+        return {"loss": diffusion_losses(self, self.schedule, x, y0, t, seed, 0, backend=backend), "t": t}
 
     # --- checkpoints: safetensors weights with the JSON config in the file's metadata -------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write weights and config to one ``.safetensors`` file, atomically (temp file + rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(self.config)})
-        os.replace(tmp, path)
-        return path
+        """Write weights and config to one ``.safetensors`` file, atomically."""
+        return write_safetensors_atomic(Path(path), self.state_dict(), {_META_KEY: json.dumps(self.config)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "BerDiff":
-        """Rebuild a model saved by :meth:`save`. Never unpickles anything."""
-        config, state = read_checkpoint(path)
-        model = cls(UNetConfig.from_dict(config["unet"]), schedule=config["schedule"], T=config["T"],
-                    preset=config.get("preset"))
+        """Rebuild a model saved by :meth:`save` (or the weights of a training checkpoint, EMA
+        when stored), in eval mode. Never unpickles anything."""
+        from .trainer import load_model
+
+        model = load_model(path, map_location=map_location)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path}: holds a {type(model).__name__}, not a BerDiff; "
+                             f"load it with berdiff_fast.trainer.load_model")
+        return model
+
+
+def diffusion_losses(net, schedule: NoiseSchedule, x, y0, t, seed, offset=0, *, backend: str | None = None):
+    """Algorithm 1 given the timesteps and the noise key: y_t = y_0 XOR eps, then the fused loss.
+
+    ``net(y_t, x, t)`` gives the flip logits (a BerDiff, or a wrapper of its U-Net such as DDP
+    or a compiled module); the noise of row i uses the stream from ``offset + i * H * W``, so
+    processes that each take a slice of a global batch draw exactly the single-process noise.
+    Returns the per-sample loss (B,) in bits, computed in float32 even under autocast.
+    """
+    y_t, _ = F.q_sample(y0, t, schedule, seed, offset, backend=backend)
+    logits = net(y_t, x, t)
+    return F.loss(logits.float(), y_t, y0, t, schedule, backend=backend)
+
+
+def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` to ``path`` via a temporary file in the same folder, fsync, os.replace.
+
+    A reader sees either the previous file or the complete new one, even if the process is killed
+    while writing."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # persist the rename itself
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: weights do not match the config stored with them: {e}") from e
-        return model.to(map_location)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -54,7 +54,7 @@ def test_save_load_round_trip(tmp_path):
         assert k == k2 and torch.equal(a, b)
     x, y, t = torch.randn(2, 1, 32, 32), torch.ones(2, 1, 32, 32), torch.tensor([3, 299])
     assert torch.equal(m(y, x, t), m2.eval()(y, x, t))
-    assert not list(tmp_path.glob("sub/*.tmp"))
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.safetensors"]  # no temporary left
 
 
 def test_corrupt_or_foreign_checkpoints_name_the_file(tmp_path):
@@ -76,6 +76,14 @@ def test_corrupt_or_foreign_checkpoints_name_the_file(tmp_path):
         BerDiff.load(foreign)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         BerDiff.load(tmp_path / "missing.safetensors")
+
+
+def test_loading_a_baseline_as_berdiff_is_a_clear_error(tmp_path):
+    from berdiff_fast.baseline import DeterministicUNet
+
+    path = DeterministicUNet.from_preset("tiny").save(tmp_path / "baseline.safetensors")
+    with pytest.raises(ValueError, match="baseline.safetensors: holds a DeterministicUNet, not a BerDiff"):
+        BerDiff.load(path)
 
 
 def test_training_losses_validates_and_returns_per_sample_bits():
