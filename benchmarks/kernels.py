@@ -131,7 +131,7 @@ class CompiledReference:
         shape = (-1,) + (1,) * (y_t.ndim - 1)
         a_t, bh_t = table[t, COL_ALPHA].view(shape), table[t, COL_BETA_HALF].view(shape)
         ab_p, flip_p = table[t - 1, COL_ALPHA_BAR].view(shape), table[t - 1, COL_FLIP].view(shape)
-        y = reference.ddpm_step(torch.sigmoid(logits.float()), y_t.float(), a_t, bh_t, ab_p, flip_p, u)
+        y = reference.ddpm_step(logits.float(), y_t.float(), a_t, bh_t, ab_p, flip_p, u)
         return y.to(y_t.dtype)
 
     @staticmethod
@@ -139,9 +139,9 @@ class CompiledReference:
         shape = (-1,) + (1,) * (y_t.ndim - 1)
         ab_t, flip_t = table[t, COL_ALPHA_BAR].view(shape), table[t, COL_FLIP].view(shape)
         ab_s, flip_s = table[s, COL_ALPHA_BAR].view(shape), table[s, COL_FLIP].view(shape)
-        e, yt = torch.sigmoid(logits.float()), y_t.float()
-        y = reference.ddim_step(e, yt, ab_t, flip_t, ab_s, flip_s, eta, u).to(y_t.dtype)
-        return y, reference.predict_y0(yt, e)
+        l, yt = logits.float(), y_t.float()
+        y = reference.ddim_step(l, yt, ab_t, flip_t, ab_s, flip_s, eta, u).to(y_t.dtype)
+        return y, reference.predict_y0_from_logits(yt, l)[0]
 
     def q_sample(self, y0, t, sched, seed, offset):
         return self._q_sample(y0, t, sched.table(y0.device), _uniform_like(y0, seed, offset))

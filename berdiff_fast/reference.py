@@ -48,15 +48,23 @@ def posterior_channels(y_t, y0, a_t, bh_t, ab_prev, flip_prev, y0_c=None):
     return n0, n1
 
 
-def theta_post(y_t, y0, a_t, bh_t, ab_prev, flip_prev) -> torch.Tensor:
+def theta_post(y_t, y0, a_t, bh_t, ab_prev, flip_prev, y0_c=None) -> torch.Tensor:
     """Eq. 4: theta_post(y_t, y_0) = P(y_{t-1} = 1 | y_t, y_0) = Norm(n0, n1)."""
-    n0, n1 = posterior_channels(y_t, y0, a_t, bh_t, ab_prev, flip_prev)
+    n0, n1 = posterior_channels(y_t, y0, a_t, bh_t, ab_prev, flip_prev, y0_c)
     return n1 / (n0 + n1)
 
 
 def predict_y0(y_t: torch.Tensor, eps_prob: torch.Tensor) -> torch.Tensor:
     """Eq. 7, inner part: y0_hat = |y_t - eps_hat|, the mask estimate implied by the flip estimate."""
     return (y_t - eps_prob).abs()
+
+
+def predict_y0_from_logits(y_t: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 from the network's logits, for a binary y_t: (y0_hat, 1 - y0_hat), each taken from
+    sigmoid(l) or sigmoid(-l) directly. 1 - sigmoid(l) would round to 0 in float32 for l > 17 and
+    zero out the posterior's small channel; these stay exact in both tails."""
+    e1, e0 = torch.sigmoid(logits), torch.sigmoid(-logits)
+    return y_t * e0 + (1 - y_t) * e1, y_t * e1 + (1 - y_t) * e0
 
 
 def calibrate(y_t, eps_prob, a_t, bh_t, ab_prev, flip_prev) -> torch.Tensor:
@@ -83,15 +91,16 @@ def bernoulli(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (u < p).to(p.dtype)
 
 
-def ddpm_step(eps_prob, y_t, a_t, bh_t, ab_prev, flip_prev, u):
-    """Algorithm 2 (DDPM branch): y_{t-1} ~ B(mu_hat), mu_hat from Eq. 7."""
-    return bernoulli(calibrate(y_t, eps_prob, a_t, bh_t, ab_prev, flip_prev), u)
+def ddpm_step(logits, y_t, a_t, bh_t, ab_prev, flip_prev, u):
+    """Algorithm 2 (DDPM branch): y_{t-1} ~ B(mu_hat), mu_hat = theta_post(y_t, y0_hat) (Eq. 7)."""
+    y0_hat, y0_hat_c = predict_y0_from_logits(y_t, logits)
+    return bernoulli(theta_post(y_t, y0_hat, a_t, bh_t, ab_prev, flip_prev, y0_hat_c), u)
 
 
-def ddim_step(eps_prob, y_t, ab_t, flip_t, ab_s, flip_s, eta, u):
-    """Algorithm 2 (DDIM branch): y_s ~ B(p_ddim(y_t, |y_t - eps_hat|))."""
-    p = ddim_prob(y_t, predict_y0(y_t, eps_prob), ab_t, flip_t, ab_s, flip_s, eta)
-    return bernoulli(p, u)
+def ddim_step(logits, y_t, ab_t, flip_t, ab_s, flip_s, eta, u):
+    """Algorithm 2 (DDIM branch): y_s ~ B(p_ddim(y_t, y0_hat)), y0_hat from the logits (Eq. 7)."""
+    y0_hat, _ = predict_y0_from_logits(y_t, logits)
+    return bernoulli(ddim_prob(y_t, y0_hat, ab_t, flip_t, ab_s, flip_s, eta), u)
 
 
 def bernoulli_kl(q0, q1, p0, p1) -> torch.Tensor:
@@ -101,7 +110,9 @@ def bernoulli_kl(q0, q1, p0, p1) -> torch.Tensor:
 
 def bce_with_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """-[target log sigmoid(l) + (1 - target) log sigmoid(-l)], per element, in nats."""
-    return torch.nn.functional.softplus(logits) - target * logits
+    # softplus(l) = log(e^0 + e^l), exact in both tails with the right gradient everywhere
+    # (torch's softplus returns l itself above 20, an error of e^-20 float64 tests would see).
+    return torch.logaddexp(torch.zeros_like(logits), logits) - target * logits
 
 
 def loss_terms(logits, y_t, y0, is_first, a_t, bh_t, ab_prev, flip_prev) -> dict[str, torch.Tensor]:
@@ -113,10 +124,7 @@ def loss_terms(logits, y_t, y0, is_first, a_t, bh_t, ab_prev, flip_prev) -> dict
     the per-pixel terms averaged over all non-batch dimensions and divided by ln 2.
     """
     eps = (y_t - y0).abs()
-    # y0_hat and 1 - y0_hat from sigmoid(+-l) rather than 1 - sigmoid(l): exact in both tails.
-    e1, e0 = torch.sigmoid(logits), torch.sigmoid(-logits)
-    y0_hat = y_t * e0 + (1 - y_t) * e1
-    y0_hat_c = y_t * e1 + (1 - y_t) * e0
+    y0_hat, y0_hat_c = predict_y0_from_logits(y_t, logits)
     q0, q1 = posterior_channels(y_t, y0, a_t, bh_t, ab_prev, flip_prev)
     n0, n1 = posterior_channels(y_t, y0_hat, a_t, bh_t, ab_prev, flip_prev, y0_c=y0_hat_c)  # Eq. 7
     kl = bernoulli_kl(q0 / (q0 + q1), q1 / (q0 + q1), n0 / (n0 + n1), n1 / (n0 + n1))

@@ -35,27 +35,27 @@ def init_noise(shape, seed, offset, device, dtype):
 
 def predict_y0(logits, y_t):
     cd = _cdtype(logits, y_t)
-    return reference.predict_y0(y_t.to(cd), torch.sigmoid(logits.to(cd)))
+    return reference.predict_y0_from_logits(y_t.to(cd), logits.to(cd))[0]
 
 
 def ddpm_step(logits, y_t, t, sched, seed, offset, return_y0):
     cd = _cdtype(logits, y_t)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
-    yt, e = y_t.to(cd), torch.sigmoid(logits.to(cd))
-    y = reference.ddpm_step(e, yt, a_t, bh_t, ab_prev, flip_prev, rng.uniform_like(y_t, seed, offset))
+    yt, l = y_t.to(cd), logits.to(cd)
+    y = reference.ddpm_step(l, yt, a_t, bh_t, ab_prev, flip_prev, rng.uniform_like(y_t, seed, offset))
     y = y.to(y_t.dtype)
-    return (y, reference.predict_y0(yt, e)) if return_y0 else y
+    return (y, reference.predict_y0_from_logits(yt, l)[0]) if return_y0 else y
 
 
 def ddim_step(logits, y_t, t, s, sched, seed, offset, eta, return_y0):
     cd = _cdtype(logits, y_t)
     _, _, ab_t, flip_t = sched.gather(t, y_t.ndim, cd)
     _, _, ab_s, flip_s = sched.gather(s, y_t.ndim, cd)
-    yt, e = y_t.to(cd), torch.sigmoid(logits.to(cd))
-    y = reference.ddim_step(e, yt, ab_t, flip_t, ab_s, flip_s, eta, rng.uniform_like(y_t, seed, offset))
+    yt, l = y_t.to(cd), logits.to(cd)
+    y = reference.ddim_step(l, yt, ab_t, flip_t, ab_s, flip_s, eta, rng.uniform_like(y_t, seed, offset))
     y = y.to(y_t.dtype)
-    return (y, reference.predict_y0(yt, e)) if return_y0 else y
+    return (y, reference.predict_y0_from_logits(yt, l)[0]) if return_y0 else y
 
 
 def loss(logits, y_t, y0, t, sched):
