@@ -31,6 +31,7 @@ step build 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 step cuda_tests 200 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" \
   tests/test_rng.py tests/test_kernels_triton.py tests/test_cpp_ops.py tests/test_fast_sampler.py -k "cuda or CUDA"
 step kernels 120 $PY benchmarks/kernels.py --json "$OUT/kernels.json"
+step train_step 120 $PY benchmarks/train_step.py --device cuda --quick --json "$OUT/train_step.json"
 step latency_s10 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 --json "$OUT/latency_lidc_k16_s10.json"
 step latency_s50 200 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,compiled,graph --json "$OUT/latency_lidc_k16_s50.json"
