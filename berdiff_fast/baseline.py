@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as nnf
-from torch import nn
 
 from .model import _META_KEY, FORMAT_VERSION, write_safetensors_atomic
-from .unet import PRESETS, UNet, UNetConfig
+from .unet import UNet, UNetConfig, UNetModel, preset_config
 
 
-class DeterministicUNet(nn.Module):
+class DeterministicUNet(UNetModel):
     """A deterministic segmentation network on BerDiff's backbone.
 
     Build with ``DeterministicUNet.from_preset("lidc" | "brats" | "tiny", **unet_overrides)``.
@@ -37,29 +36,15 @@ class DeterministicUNet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DeterministicUNet":
-        if name not in PRESETS:
-            raise ValueError(f"preset: unknown {name!r}; expected one of {tuple(PRESETS)}")
         for key in ("schedule", "T"):
             if key in overrides:
                 raise ValueError(f"{key}: the deterministic baseline has no noise schedule")
-        return cls(UNetConfig.from_dict({**PRESETS[name].to_dict(), **overrides}), preset=name)
+        return cls(preset_config(name, **overrides), preset=name)
 
     @property
     def config(self) -> dict:
         return {"format_version": FORMAT_VERSION, "kind": self.kind, "preset": self.preset,
                 "unet": self.unet.config.to_dict()}
-
-    @property
-    def image_size(self) -> int:
-        return self.unet.config.image_size
-
-    @property
-    def image_channels(self) -> int:
-        return self.unet.config.image_channels
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Mask logits (B, 1, H, W) for images (B, C, H, W)."""

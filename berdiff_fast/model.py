@@ -6,18 +6,17 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import _checks as check
 from . import functional as F
 from .schedule import NoiseSchedule
-from .unet import PRESETS, UNet, UNetConfig
+from .unet import UNet, UNetConfig, UNetModel, preset_config
 
 FORMAT_VERSION = 1
 _META_KEY = "berdiff_config"
 
 
-class BerDiff(nn.Module):
+class BerDiff(UNetModel):
     """A conditional Bernoulli diffusion model: ``unet`` maps (y_t, image, t) to flip logits.
 
     Build with ``BerDiff.from_preset("lidc" | "brats" | "tiny", **overrides)``; overrides are
@@ -32,29 +31,14 @@ class BerDiff(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "BerDiff":
-        if name not in PRESETS:
-            raise ValueError(f"preset: unknown {name!r}; expected one of {tuple(PRESETS)}")
         schedule = overrides.pop("schedule", "linear")
         T = overrides.pop("T", 1000)
-        cfg = UNetConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
-        return cls(cfg, schedule=schedule, T=T, preset=name)
+        return cls(preset_config(name, **overrides), schedule=schedule, T=T, preset=name)
 
     @property
     def config(self) -> dict:
         return {"format_version": FORMAT_VERSION, "preset": self.preset, "schedule": self.schedule.name,
                 "T": self.schedule.T, "unet": self.unet.config.to_dict()}
-
-    @property
-    def image_size(self) -> int:
-        return self.unet.config.image_size
-
-    @property
-    def image_channels(self) -> int:
-        return self.unet.config.image_channels
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def forward(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Flip logits (B,1,H,W): eps_hat = sigmoid(logits) estimates y_t XOR y_0."""

@@ -67,6 +67,13 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
+def preset_config(name: str, **overrides) -> UNetConfig:
+    """The U-Net configuration of preset ``name`` with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown {name!r}; expected one of {tuple(PRESETS)}")
+    return UNetConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2))."""
     half = dim // 2
@@ -208,3 +215,21 @@ class UNet(nn.Module):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class UNetModel(nn.Module):
+    """Base of the models built around one U-Net (``self.unet``): their shared properties."""
+
+    unet: UNet
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.image_size
+
+    @property
+    def image_channels(self) -> int:
+        return self.unet.config.image_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
