@@ -16,3 +16,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny 16x16 models gain nothing from a second thread, and on a shared machine OpenMP
+    # barriers of two threads can cost more than the work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

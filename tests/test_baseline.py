@@ -10,12 +10,7 @@ from berdiff_fast.trainer import Trainer, TrainConfig, load_model
 from berdiff_fast.unet import num_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_same_backbone_and_parameter_count_as_berdiff():

@@ -23,14 +23,7 @@ from berdiff_fast.trainer import (CHECKPOINT, EMA, WEIGHTS, DataOrder, Trainer, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny 16x16 models gain nothing from a second thread, and on a shared machine OpenMP
-    # barriers of two threads can cost more than the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():
