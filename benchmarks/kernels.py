@@ -248,6 +248,11 @@ def run(args) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape]
     fused = [b for b in FUSED if backends.available(b, device)]
     impls = ["torch", "torch+compile"] + fused
+    if args.impls:
+        unknown = set(args.impls) - {"torch", "torch+compile", *FUSED}
+        if unknown:
+            raise SystemExit(f"--impls: unknown {sorted(unknown)}; expected among torch, torch+compile, {', '.join(FUSED)}")
+        impls = ["torch"] + [i for i in impls[1:] if i in args.impls]  # torch: the baseline of every ratio
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": sys.version.split()[0], "threads": torch.get_num_threads(),
@@ -290,6 +295,9 @@ def run(args) -> dict:
                        "frac_copy": nbytes / sec / copy_bw if copy_bw else None}
                 rows.append(row)
                 print_row(row)
+                if args.json:  # after every row: a run cut short still leaves what it measured
+                    with open(args.json, "w") as fh:
+                        json.dump({"meta": meta, "results": rows}, fh, indent=2)
     return {"meta": meta, "results": rows}
 
 
@@ -314,6 +322,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes (a CPU check)")
     p.add_argument("--shape", action="append", help="a shape like 16x1x128x128 (repeatable; overrides the defaults)")
     p.add_argument("--ops", nargs="*", help="only these ops")
+    p.add_argument("--impls", nargs="*", help="only these implementations (the eager torch baseline always runs)")
     p.add_argument("--mask-dtype", default="uint8", choices=sorted(DTYPES))
     p.add_argument("--logit-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--repeats", type=int, default=15)
@@ -323,10 +332,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 is set: the Triton interpreter is not a benchmark; unset it")
-    result = run(args)
+    run(args)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
         print(f"# wrote {args.json}")
 
 

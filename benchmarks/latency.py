@@ -100,27 +100,8 @@ def main(argv=None) -> dict:
     flops_row = unet_flops(model, x[:1])
     flops_image = flops_row * args.k * args.steps
 
-    results = {}
-    for mode in modes:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        warm = run_mode(mode, model, x, args, dtype)  # compiles / captures on the first call
-        times = [run_mode(mode, model, x, args, dtype) for _ in range(repeats if mode != "original" else max(1, repeats // 3))]
-        per_image = statistics.median(times) / args.batch
-        results[mode] = {
-            "seconds_per_image": per_image, "first_call_seconds": warm, "repeats": len(times),
-            "all_seconds": times, "tflops": flops_image / per_image / 1e12,
-            "dtype": "float32" if mode == "original" else str(dtype).replace("torch.", ""),
-        }
-        if device.type == "cuda":
-            results[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        print(f"  {mode:9s} {per_image * 1e3:10.1f} ms/image", file=sys.stderr)
-    base = results.get("original", {}).get("seconds_per_image")
     floor = flops_image / (args.peak_tflops * 1e12) if device.type == "cuda" else None
-    for r in results.values():
-        r["speedup_vs_original"] = base / r["seconds_per_image"] if base else None
-        r["fraction_of_flop_floor"] = floor / r["seconds_per_image"] if floor else None
-
+    results = {}
     report = {
         "benchmark": "latency", "preset": preset, "k": args.k, "steps": args.steps, "batch": args.batch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -131,6 +112,28 @@ def main(argv=None) -> dict:
                      "triton": _version("triton"), "cuda": torch.version.cuda},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    for mode in modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warm = run_mode(mode, model, x, args, dtype)  # compiles / captures on the first call
+        times = [run_mode(mode, model, x, args, dtype) for _ in range(repeats if mode != "original" else max(1, repeats // 3))]
+        per_image = statistics.median(times) / args.batch
+        results[mode] = {
+            "seconds_per_image": per_image, "first_call_seconds": warm, "repeats": len(times),
+            "all_seconds": times, "tflops": flops_image / per_image / 1e12,
+            "dtype": "float32" if mode == "original" else str(dtype).replace("torch.", ""),
+            "fraction_of_flop_floor": floor / per_image if floor else None,
+        }
+        if device.type == "cuda":
+            results[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        base = results.get("original", {}).get("seconds_per_image")
+        for r in results.values():
+            r["speedup_vs_original"] = base / r["seconds_per_image"] if base else None
+        print(f"  {mode:9s} {per_image * 1e3:10.1f} ms/image", file=sys.stderr)
+        if args.json:  # after every mode: a run cut short still leaves what it measured
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+
     print(f"\nlatency: preset {preset}, k {args.k}, steps {args.steps}, batch {args.batch}, {report['device']}, "
           f"U-Net {flops_row / 1e9:.2f} GFLOP/row, backend {report['backend']}")
     print(f"{'mode':10s} {'ms/image':>10s} {'x original':>11s} {'TFLOP/s':>9s} {'of floor':>9s} {'peak GB':>8s}")
@@ -139,9 +142,6 @@ def main(argv=None) -> dict:
         fr = f"{r['fraction_of_flop_floor']:.2f}" if r["fraction_of_flop_floor"] else "-"
         mem = f"{r['peak_memory_gb']:.2f}" if "peak_memory_gb" in r else "-"
         print(f"{mode:10s} {r['seconds_per_image'] * 1e3:10.1f} {sp:>11s} {r['tflops']:9.3f} {fr:>9s} {mem:>8s}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
     fast.clear_cache()
     return report
 
