@@ -50,8 +50,9 @@ step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 -
 step latency_s10 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 \
   --modes original,compiled,graph --json "$OUT/latency_s10.json"
 step train_step 60 $PY benchmarks/train_step.py --device cuda --quick --json "$OUT/train_step.json"
-step kernels_compiled 60 $PY benchmarks/kernels.py --impls torch+compile --shape 16x1x128x128 --repeats 9 \
-  --json "$OUT/kernels_compiled.json"
+# Does letting cuDNN time its algorithms speed up the U-Net? (same shapes, graph mode only)
+step latency_s50_cudnn 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
+  --modes graph --cudnn-benchmark --json "$OUT/latency_s50_cudnn.json"
 
 echo
 echo "== gpu_check summary: $(sed -n 2p "$LOG") =="
@@ -73,7 +74,8 @@ for f in sorted(glob.glob(os.path.join(out, "latency_*.json"))):
     for mode, v in r["results"].items():
         sp = v.get("speedup_vs_original") or 0
         fl = v.get("fraction_of_flop_floor") or 0
-        print(f"latency steps={r['steps']:<3} {mode:9s} {v['seconds_per_image'] * 1e3:8.1f} ms/image  x{sp:6.1f}  "
+        tag = "+cudnn.benchmark" if r.get("cudnn_benchmark") else ""
+        print(f"latency steps={r['steps']:<3} {mode + tag:24s} {v['seconds_per_image'] * 1e3:8.1f} ms/image  x{sp:6.1f}  "
               f"floor {fl:5.2f}  {v.get('peak_memory_gb', 0):.2f} GB")
 f = os.path.join(out, "train_step.json")
 if os.path.exists(f):

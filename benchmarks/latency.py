@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -77,6 +78,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense peak for the FLOP floor (CUDA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="set torch.backends.cudnn.benchmark (cuDNN times its algorithms at the first call)")
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--quick", action="store_true", help="CPU, tiny preset, k 16, 10 steps, 3 repeats")
     args = p.parse_args(argv)
@@ -93,6 +96,7 @@ def main(argv=None) -> dict:
     if "graph" in modes and device.type != "cuda":
         p.error("--modes: graph needs CUDA")
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(args.seed)
     model = bf.BerDiff.from_preset(preset).to(device).eval()
     size, ch = model.image_size, model.image_channels
@@ -107,7 +111,9 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "unet_gflops_per_forward_row": flops_row / 1e9,
         "flop_floor_seconds_per_image": floor, "peak_tflops_assumed": args.peak_tflops if floor else None,
-        "backend": backends.default(device), "results": results,
+        "backend": backends.default(device), "cudnn_benchmark": args.cudnn_benchmark,
+        "compile_mode": os.environ.get("BERDIFF_COMPILE_MODE") or (fast.COMPILE_MODE_CUDA if device.type == "cuda" else "default"),
+        "results": results,
         "versions": {"torch": torch.__version__, "berdiff_fast": bf.__version__, "python": platform.python_version(),
                      "triton": _version("triton"), "cuda": torch.version.cuda},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -135,7 +141,8 @@ def main(argv=None) -> dict:
                 json.dump(report, f, indent=2)
 
     print(f"\nlatency: preset {preset}, k {args.k}, steps {args.steps}, batch {args.batch}, {report['device']}, "
-          f"U-Net {flops_row / 1e9:.2f} GFLOP/row, backend {report['backend']}")
+          f"U-Net {flops_row / 1e9:.2f} GFLOP/row, backend {report['backend']}, compile mode {report['compile_mode']}"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}")
     print(f"{'mode':10s} {'ms/image':>10s} {'x original':>11s} {'TFLOP/s':>9s} {'of floor':>9s} {'peak GB':>8s}")
     for mode, r in results.items():
         sp = f"{r['speedup_vs_original']:.2f}" if r["speedup_vs_original"] else "-"

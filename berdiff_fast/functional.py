@@ -111,7 +111,7 @@ def init_noise(shape, seed, offset=0, *, device="cpu", dtype=torch.float32, back
     shape = tuple(shape)
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"shape: expected non-negative ints, got {shape}")
-    device = torch.device(device)
+    device = check.canonical_device(device)
     return backends.resolve(backend, device).init_noise(
         shape, check.rng_key("seed", seed, device), check.rng_key("offset", offset, device), device, dtype)
 

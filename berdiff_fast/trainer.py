@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _checks as check
 from .baseline import DeterministicUNet
 from .data._common import draw_annotation, mix_seed
 from .model import _META_KEY, BerDiff, diffusion_losses, read_checkpoint, write_safetensors_atomic
@@ -364,7 +365,7 @@ class Trainer:
             self.world, self.rank = dist.get_world_size(), dist.get_rank()
         if device is None:
             device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = check.canonical_device(device)  # "cuda" -> "cuda:N": set_device needs the index
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.cfg.amp == "bf16" and self.device.type != "cuda":

@@ -52,9 +52,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& y0_in, const 
   checks::set_shape(a, y0);
   checks::set_rng(a, seed, offset);
   if (a.compute == Dtype::F64) {
-    cuda::launch_q_sample<double>(a, n, stream_of(y0));
+    cuda::launch_q_sample<double>(a, stream_of(y0));
   } else {
-    cuda::launch_q_sample<float>(a, n, stream_of(y0));
+    cuda::launch_q_sample<float>(a, stream_of(y0));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y_t, eps};
@@ -123,9 +123,9 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& logits_in, const 
   checks::set_shape(a, y_t);
   checks::set_rng(a, seed, offset);
   if (cd == at::kDouble) {
-    cuda::launch_step<double>(a, n, s_in != nullptr, stream_of(y_t));
+    cuda::launch_step<double>(a, s_in != nullptr, stream_of(y_t));
   } else {
-    cuda::launch_step<float>(a, n, s_in != nullptr, stream_of(y_t));
+    cuda::launch_step<float>(a, s_in != nullptr, stream_of(y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, y0_hat};
@@ -217,10 +217,11 @@ at::Tensor loss_cuda(const at::Tensor& logits, const at::Tensor& y_t, const at::
   if (a.batch == 0) return out;
   a.out = out.data_ptr();
   a.out_dtype = checks::storage_dtype(in.cd);
+  at::Tensor partials = at::empty({a.batch, cuda::loss_slices(a)}, in.y_t.options().dtype(at::kDouble));
   if (in.cd == at::kDouble) {
-    cuda::launch_loss<double>(a, stream_of(in.y_t));
+    cuda::launch_loss<double>(a, partials.data_ptr<double>(), stream_of(in.y_t));
   } else {
-    cuda::launch_loss<float>(a, stream_of(in.y_t));
+    cuda::launch_loss<float>(a, partials.data_ptr<double>(), stream_of(in.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -245,9 +246,9 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logit
   a.out = out.data_ptr();
   a.out_dtype = a.logits_dtype;
   if (in.cd == at::kDouble) {
-    cuda::launch_loss_backward<double>(a, n, stream_of(in.y_t));
+    cuda::launch_loss_backward<double>(a, stream_of(in.y_t));
   } else {
-    cuda::launch_loss_backward<float>(a, n, stream_of(in.y_t));
+    cuda::launch_loss_backward<float>(a, stream_of(in.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -15,16 +15,16 @@
 using namespace berdiff;
 
 // Every launcher instantiated, so a kernel that does not compile fails this build.
-template void cuda::launch_q_sample<float>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_q_sample<double>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_step<float>(const OpArgs&, int64_t, bool, cudaStream_t);
-template void cuda::launch_step<double>(const OpArgs&, int64_t, bool, cudaStream_t);
+template void cuda::launch_q_sample<float>(const OpArgs&, cudaStream_t);
+template void cuda::launch_q_sample<double>(const OpArgs&, cudaStream_t);
+template void cuda::launch_step<float>(const OpArgs&, bool, cudaStream_t);
+template void cuda::launch_step<double>(const OpArgs&, bool, cudaStream_t);
 template void cuda::launch_predict_y0<float>(const OpArgs&, int64_t, cudaStream_t);
 template void cuda::launch_predict_y0<double>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_loss<float>(const OpArgs&, cudaStream_t);
-template void cuda::launch_loss<double>(const OpArgs&, cudaStream_t);
-template void cuda::launch_loss_backward<float>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_loss_backward<double>(const OpArgs&, int64_t, cudaStream_t);
+template void cuda::launch_loss<float>(const OpArgs&, double*, cudaStream_t);
+template void cuda::launch_loss<double>(const OpArgs&, double*, cudaStream_t);
+template void cuda::launch_loss_backward<float>(const OpArgs&, cudaStream_t);
+template void cuda::launch_loss_backward<double>(const OpArgs&, cudaStream_t);
 
 #define CUDA_OK(expr)                                                                    \
   do {                                                                                   \
@@ -96,7 +96,7 @@ int main() {
     (ddim ? cpu::kernels_default().ddim_step : cpu::kernels_default().ddpm_step)(host, 0, n);
     dev.out = d_out;
     dev.out2 = d_y0_hat;
-    cuda::launch_step<float>(dev, n, ddim != 0, 0);
+    cuda::launch_step<float>(dev, ddim != 0, 0);
     CUDA_OK(cudaGetLastError());
     CUDA_OK(cudaMemcpy(got.data(), d_out, n * 4, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(got_y0.data(), d_y0_hat, n * 4, cudaMemcpyDeviceToHost));
