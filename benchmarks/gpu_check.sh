@@ -15,8 +15,6 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1 BERDIFF_TEST_CUDA_TRITON=1   # compiled Triton on the GPU, not the interpreter
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
-# Inductor's default mode: max-autotune (the library's CUDA default) spends minutes tuning.
-export BERDIFF_COMPILE_MODE=${BERDIFF_COMPILE_MODE:-default}
 PY=${PYTHON:-python3}
 LOG=$OUT/log.txt
 status=()
