@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, for a fresh CUDA machine with no network (torch and triton preinstalled):
-# build the extension, run the CUDA tests, then the kernel, latency and training benchmarks.
+# build the extension, run the CUDA tests, then the kernel, latency and training benchmarks,
+# then the CMake core's tests.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # GPU_CHECK_BUDGET=520 seconds by default
 # Steps run in order of importance, each cut at its own limit and at what is left of the
 # budget, so the whole script ends inside it. Output: OUT_DIR/log.txt (every step's log) and
@@ -15,6 +16,9 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1 BERDIFF_TEST_CUDA_TRITON=1   # compiled Triton on the GPU, not the interpreter
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+# Inductor's default mode, to fit the lease: the library's CUDA default, max-autotune-no-cudagraphs,
+# tunes for minutes at the first call. Set BERDIFF_COMPILE_MODE to measure another.
+export BERDIFF_COMPILE_MODE=${BERDIFF_COMPILE_MODE:-default}
 PY=${PYTHON:-python3}
 LOG=$OUT/log.txt
 status=()
@@ -51,6 +55,9 @@ step train_step 60 $PY benchmarks/train_step.py --device cuda --quick --json "$O
 # Does letting cuDNN time its algorithms speed up the U-Net? (same shapes, graph mode only)
 step latency_s50_cudnn 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes graph --cudnn-benchmark --json "$OUT/latency_s50_cudnn.json"
+# The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
+step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
+  && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
 
 echo
 echo "== gpu_check summary: $(sed -n 2p "$LOG") =="

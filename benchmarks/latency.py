@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "unet_gflops_per_forward_row": flops_row / 1e9,
         "flop_floor_seconds_per_image": floor, "peak_tflops_assumed": args.peak_tflops if floor else None,
         "backend": backends.default(device), "cudnn_benchmark": args.cudnn_benchmark,
-        "compile_mode": os.environ.get("BERDIFF_COMPILE_MODE") or "default",
+        "compile_mode": os.environ.get("BERDIFF_COMPILE_MODE") or (fast.COMPILE_MODE_CUDA if device.type == "cuda" else "default"),
         "results": results,
         "versions": {"torch": torch.__version__, "berdiff_fast": bf.__version__, "python": platform.python_version(),
                      "triton": _version("triton"), "cuda": torch.version.cuda},

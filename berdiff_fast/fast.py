@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
+COMPILE_MODE_CUDA = "max-autotune-no-cudagraphs"  # CUDA graphs are ours: one per sampling step
 _compiled: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _graphs: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 stats = {"compiles": 0, "graph_captures": 0}
@@ -38,14 +39,13 @@ def enabled(fast: bool | None, device: torch.device) -> bool:
     return bool(fast)
 
 
-def compiled_unet(model, mode: str | None = None):
+def compiled_unet(model, device: torch.device, mode: str | None = None):
     """``torch.compile(model.unet)``, fullgraph with static shapes, cached per model and mode.
 
-    The mode defaults to Inductor's default (lidc on an H100: 37 s to compile, benchmarks/RESULTS.md);
-    $BERDIFF_COMPILE_MODE overrides it, e.g. "max-autotune-no-cudagraphs" (minutes of tuning at
-    the first call; not "max-autotune": the CUDA graphs here are captured per sampling step).
+    The mode defaults to max-autotune-no-cudagraphs on CUDA (its autotuning takes minutes on
+    the first call) and to Inductor's default on CPU; $BERDIFF_COMPILE_MODE overrides it.
     """
-    mode = mode or os.environ.get("BERDIFF_COMPILE_MODE") or None  # None: Inductor's default
+    mode = mode or os.environ.get("BERDIFF_COMPILE_MODE") or (COMPILE_MODE_CUDA if device.type == "cuda" else None)
     per_model = _compiled.setdefault(model, {})
     net = per_model.get(mode)
     if net is None:

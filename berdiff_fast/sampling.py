@@ -99,7 +99,7 @@ def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16,
     was_training = model.training
     model.eval()
     try:
-        net = fast_path.compiled_unet(model) if use_fast else model.unet
+        net = fast_path.compiled_unet(model, dev) if use_fast else model.unet
         probs = _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype,
                      use_graph=use_fast and dev.type == "cuda" and graph is not False, progress=progress)
     finally:
