@@ -66,7 +66,8 @@ def timesteps(name: str, t, batch: int, T: int, device: torch.device, low: int =
                          f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
     if tuple(t.shape) != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
-    if t.device != canonical_device(device):
+    device = canonical_device(device)
+    if t.device != device:
         raise ValueError(f"{name}: on {t.device}, but the masks are on {device}")
     if not is_compiling() and batch and not bool(((t >= low) & (t <= T)).all()):
         raise ValueError(f"{name}: values must lie in {low}..{T} (paper time), got "
@@ -92,7 +93,8 @@ def rng_key(name: str, value, device: torch.device):
         if value.dtype != torch.int64 or value.numel() != 1:
             raise ValueError(f"{name}: a tensor {name} must be int64 with one element, got "
                              f"{value.dtype} of shape {tuple(value.shape)}")
-        if value.device != canonical_device(device):
+        device = canonical_device(device)
+        if value.device != device:
             raise ValueError(f"{name}: on {value.device}, but the masks are on {device}")
         return value
     raise ValueError(f"{name}: expected an int or an int64 tensor, got {type(value).__name__}")

@@ -52,3 +52,16 @@ def test_backend_from_environment(monkeypatch):
         F.init_noise((2, 2), 0)
     monkeypatch.setenv("BERDIFF_BACKEND", "torch")
     assert F.init_noise((2, 2), 0).shape == (2, 2)
+
+
+def test_a_device_without_index_means_the_current_one(monkeypatch):
+    # A tensor's device always carries its index: "cuda" must compare equal to "cuda:<current>"
+    # (an H100 run found init_noise(device="cuda") rejecting a key tensor on cuda:0).
+    from berdiff_fast import _checks as check
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert check.canonical_device("cuda") == torch.device("cuda", 3)
+    assert check.canonical_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert check.canonical_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="offset: on cpu, but the masks are on cuda:3"):
+        check.rng_key("offset", torch.tensor([0]), torch.device("cuda"))
