@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from berdiff_fast import _checks as check
 from berdiff_fast import functional as F
 from berdiff_fast import rng
 from berdiff_fast.schedule import NoiseSchedule
@@ -57,8 +58,6 @@ def test_backend_from_environment(monkeypatch):
 def test_a_device_without_index_means_the_current_one(monkeypatch):
     # A tensor's device always carries its index: "cuda" must compare equal to "cuda:<current>"
     # (an H100 run found init_noise(device="cuda") rejecting a key tensor on cuda:0).
-    from berdiff_fast import _checks as check
-
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert check.canonical_device("cuda") == torch.device("cuda", 3)
     assert check.canonical_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
