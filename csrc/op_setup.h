@@ -16,6 +16,14 @@ inline at::Tensor empty_like_contig(const at::Tensor& x, at::ScalarType dtype) {
   return at::empty(x.sizes(), x.options().dtype(dtype));
 }
 
+// The network output and the mask it was computed from: the inputs of the steps and the loss.
+inline void set_logits_and_mask(OpArgs& a, const at::Tensor& logits, const at::Tensor& y_t) {
+  a.logits = logits.data_ptr();
+  a.logits_dtype = checks::storage_dtype(logits.scalar_type());
+  a.y = y_t.data_ptr();
+  a.y_dtype = checks::storage_dtype(y_t.scalar_type());
+}
+
 struct QSample {
   at::Tensor y0, t, table, y_t, eps;
   OpArgs a;
@@ -87,10 +95,7 @@ inline Step step(const at::Tensor& logits_in, const at::Tensor& y_t_in, const at
   p.y = empty_like_contig(p.y_t, p.y_t.scalar_type());
   p.y0_hat = return_y0 ? empty_like_contig(p.y_t, cd) : at::empty({0}, p.y_t.options().dtype(cd));
   OpArgs& a = p.a;
-  a.logits = p.logits.data_ptr();
-  a.logits_dtype = checks::storage_dtype(p.logits.scalar_type());
-  a.y = p.y_t.data_ptr();
-  a.y_dtype = checks::storage_dtype(p.y_t.scalar_type());
+  set_logits_and_mask(a, p.logits, p.y_t);
   a.out = p.y.data_ptr();
   a.out_dtype = a.y_dtype;
   a.out2 = return_y0 ? p.y0_hat.data_ptr() : nullptr;
@@ -117,10 +122,7 @@ inline PredictY0 predict_y0(const at::Tensor& logits_in, const at::Tensor& y_t_i
   const at::ScalarType cd = checks::compute_type({&p.logits, &p.y_t});
   p.out = empty_like_contig(p.y_t, cd);
   OpArgs& a = p.a;
-  a.logits = p.logits.data_ptr();
-  a.logits_dtype = checks::storage_dtype(p.logits.scalar_type());
-  a.y = p.y_t.data_ptr();
-  a.y_dtype = checks::storage_dtype(p.y_t.scalar_type());
+  set_logits_and_mask(a, p.logits, p.y_t);
   a.out = p.out.data_ptr();
   a.out_dtype = a.compute = checks::storage_dtype(cd);
   checks::set_shape(a, p.y_t);
@@ -146,10 +148,7 @@ inline Loss loss(const at::Tensor& logits, const at::Tensor& y_t, const at::Tens
   Loss p{logits.contiguous(), y_t.contiguous(), y0.contiguous(), t.contiguous(), table.contiguous(), at::Tensor(),
          checks::compute_type({&logits, &y_t, &y0}), OpArgs()};
   OpArgs& a = p.a;
-  a.logits = p.logits.data_ptr();
-  a.logits_dtype = checks::storage_dtype(p.logits.scalar_type());
-  a.y = p.y_t.data_ptr();
-  a.y_dtype = checks::storage_dtype(p.y_t.scalar_type());
+  set_logits_and_mask(a, p.logits, p.y_t);
   a.y0 = p.y0.data_ptr();
   a.y0_dtype = checks::storage_dtype(p.y0.scalar_type());
   a.compute = checks::storage_dtype(p.cd);
