@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, for a fresh CUDA machine with no network (torch and triton preinstalled):
-# build the extension, run the CUDA tests, then the kernel, latency and training benchmarks,
-# then the CMake core's tests.
+# build the extension, run the CUDA tests and the CMake core's tests, then the kernel, U-Net profile,
+# latency and training benchmarks.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # GPU_CHECK_BUDGET=460 seconds by default
+#   GPU_CHECK_STEPS=build,cuda_tests,kernels bash benchmarks/gpu_check.sh OUT_DIR   # some steps only
 # Steps run in order of importance, each cut at its own limit and at what is left of the
-# budget, so the whole script ends inside it. Output: OUT_DIR/log.txt (every step's log) and
-# one JSON per benchmark (written as they go, so a cut run keeps what it measured); a short
-# table is printed last.
+# budget, so the whole script ends inside it. Output: OUT_DIR/log.txt (every step's log), one
+# JSON per benchmark (written as they go, so a cut run keeps what it measured) and
+# inductor_code.tgz (the compiled U-Net's generated code); a short table is printed last.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -25,6 +26,7 @@ status=()
 
 step() {  # step NAME LIMIT COMMAND...: run within min(LIMIT, budget left), log, remember pass/fail
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then return; fi
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 20 ]; then status+=("$(printf '%-18s %-9s' "$name" skipped)"); return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -44,9 +46,19 @@ PY
 } 2>&1 | tee "$LOG"
 
 step build 200 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
-step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "not slow" \
-  tests/test_rng.py tests/test_kernels_triton.py tests/test_cpp_ops.py tests/test_fast_sampler.py -k "cuda or CUDA"
+# GPU_CHECK_TESTS narrows the test files (e.g. to tests/test_cpp_ops.py after a csrc-only change).
+read -r -a TESTS <<< "${GPU_CHECK_TESTS:-tests/test_rng.py tests/test_kernels_triton.py tests/test_cpp_ops.py tests/test_fast_sampler.py}"
+step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "not slow" "${TESTS[@]}" -k "cuda or CUDA"
+# The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
+step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
+  && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
 step kernels 120 $PY benchmarks/kernels.py --impls triton cuda --repeats 9 --json "$OUT/kernels.json"
+# Where the U-Net's time goes (kernel categories) and whether layout or weight dtype change it;
+# Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
+CODE=$(mktemp -d)
+step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_cl}" \
+  --dump-code "$CODE" --json "$OUT/profile_unet.json"
+[ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
 step latency_s10 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 \
@@ -55,9 +67,6 @@ step train_step 60 $PY benchmarks/train_step.py --device cuda --quick --json "$O
 # Does letting cuDNN time its algorithms speed up the U-Net? (same shapes, graph mode only)
 step latency_s50_cudnn 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes graph --cudnn-benchmark --json "$OUT/latency_s50_cudnn.json"
-# The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
-step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
-  && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
 
 echo
 echo "== gpu_check summary: $(sed -n 2p "$LOG") =="
@@ -74,6 +83,14 @@ for f in sorted(glob.glob(os.path.join(out, "kernels*.json"))):
         c = f"{100 * r['frac_copy']:5.1f}%" if r.get("frac_copy") else "     -"
         print(f"kernel {r['op']:<14} {r['shape']:<13} {r['impl']:<13} {r['median_us']:9.1f} us  graph {g} us "
               f" {c} of copy  x{r['speedup_vs_eager']:.1f} eager")
+f = os.path.join(out, "profile_unet.json")
+if os.path.exists(f):
+    r = json.load(open(f))
+    for name, v in r["results"].items():
+        cats = " ".join(f"{c} {ms:.2f}" for c, ms in v["kernel_ms_by_category"].items() if ms >= 0.05)
+        ct = f"conv {v['conv_tflops']:.0f} TFLOP/s" if v.get("conv_tflops") else ""
+        print(f"unet {name:<18} {v['ms_per_forward']:6.2f} ms/forward {v['tflops']:4.0f} TFLOP/s  first call "
+              f"{v.get('compile_seconds', 0):4.0f} s  {ct}  ms: {cats}")
 for f in sorted(glob.glob(os.path.join(out, "latency_*.json"))):
     r = json.load(open(f))
     for mode, v in r["results"].items():

@@ -14,6 +14,7 @@ in-place updates such as an optimiser step are seen by the cached graphs).
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from contextlib import nullcontext
 
@@ -49,6 +50,12 @@ def compiled_unet(model, device: torch.device, mode: str | None = None):
     per_model = _compiled.setdefault(model, {})
     net = per_model.get(mode)
     if net is None:
+        if mode and "max-autotune" in mode and device.type == "cuda":
+            warnings.warn(
+                f"berdiff_fast: the first fast sample() compiles the U-Net with torch.compile mode {mode!r}, "
+                "which tunes its kernels for several minutes (lidc on an H100: Inductor's coordinate-descent "
+                "tuning alone took 158 s); Inductor caches the results for later processes. "
+                "BERDIFF_COMPILE_MODE=default compiles in about 35 s.", stacklevel=3)
         net = torch.compile(model.unet, fullgraph=True, dynamic=False, mode=mode)
         per_model[mode] = net
         stats["compiles"] += 1

@@ -11,7 +11,8 @@
 // Every formula is a template over the compute type T (float, or double for float64 inputs).
 // On the host the float elementary functions (exp_, log_, log1p_) are branch-free polynomial
 // versions so that the CPU kernels' inner loops vectorise without -ffast-math; on the device
-// they are CUDA's expf/logf/log1pf.
+// they are CUDA's __expf (Triton's exp), logf and log1pf, and float quotients are div.approx
+// (div_).
 #pragma once
 
 #include <stdint.h>
@@ -186,7 +187,7 @@ BERDIFF_HD float log_poly(float x) {
 
 BERDIFF_HD float exp_(float x) {
 #if defined(__CUDA_ARCH__)
-  return expf(x);
+  return __expf(x);  // ex2.approx(x log2 e) as Triton's tl.exp: no branch (see div_); 0 below e**-87
 #else
   return detail::exp_poly(x);
 #endif
@@ -231,6 +232,19 @@ BERDIFF_HD double log1p_(double z) {
   return std::log1p(z);
 #endif
 }
+// a / b in the per-element formulas. On the device a float quotient is div.approx, as Triton's
+// fp32 division: 2 ulp for |b| < 2**126, and every denominator here lies between
+// min(beta_t, flip_{t-1}) / 2 and 2. IEEE division's slow-path branch would split a kernel's
+// unrolled elements into blocks the compiler cannot interleave. Elsewhere IEEE division.
+BERDIFF_HD float div_(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+BERDIFF_HD double div_(double a, double b) { return a / b; }
+
 template <typename T>
 BERDIFF_HD T abs_(T x) {
   return x < T(0) ? -x : x;
@@ -246,7 +260,7 @@ struct Sigmoids {
 template <typename T>
 BERDIFF_HD Sigmoids<T> sigmoids(T l) {
   const T z = exp_(-abs_(l));
-  const T big = T(1) / (T(1) + z);
+  const T big = div_(T(1), T(1) + z);
   const T small = z * big;
   const bool pos = l >= T(0);
   return Sigmoids<T>{pos ? big : small, pos ? small : big, z};
@@ -287,7 +301,7 @@ BERDIFF_HD Channels<T> posterior_channels(const PosteriorCoef<T>& c, T y_t, T y0
 template <typename T>
 BERDIFF_HD T theta_post(const PosteriorCoef<T>& c, T y_t, T y0, T y0_c) {
   const Channels<T> n = posterior_channels(c, y_t, y0, y0_c);
-  return n.n1 / (n.n0 + n.n1);
+  return div_(n.n1, n.n0 + n.n1);
 }
 
 // Eq. 7: mu_hat = theta_post(y_t, y0_hat), the DDPM step's Bernoulli parameter.
@@ -391,8 +405,8 @@ BERDIFF_HD LossPixel<T> loss_pixel(const LossCoef<T>& c, T l, T y_t, T y0) {
   px.B0 = pc.ab_prev * y0_hat.c + pc.flip_prev;
   px.B1 = pc.ab_prev * y0_hat.v + pc.flip_prev;
   const T n0 = A0 * px.B0, n1 = A1 * px.B1, S = n0 + n1;
-  px.p = n1 / S;
-  px.p_c = n0 / S;
+  px.p = div_(n1, S);
+  px.p_c = div_(n0, S);
   // Hard masks: select the per-sample constants of (y_t, y0) without branching.
   const bool yt1 = y_t > T(0.5), y01 = y0 > T(0.5);
   px.q = yt1 ? (y01 ? c.q[1][1] : c.q[1][0]) : (y01 ? c.q[0][1] : c.q[0][0]);
@@ -423,7 +437,7 @@ BERDIFF_HD T loss_value(const LossCoef<T>& c, T l, T y_t, T y0) {
 template <typename T>
 BERDIFF_HD T loss_grad_kl(const LossCoef<T>& c, T l, T y_t, T y0) {
   const LossPixel<T> px = loss_pixel(c, l, y_t, y0);
-  const T dkl = (px.p - px.q) * c.pc.ab_prev * (T(1) - T(2) * y_t) * (px.s.e1 * px.s.e0) / (px.B0 * px.B1);
+  const T dkl = (px.p - px.q) * c.pc.ab_prev * (T(1) - T(2) * y_t) * div_(px.s.e1 * px.s.e0, px.B0 * px.B1);
   return dkl + bce_grad(px.s, px.eps);
 }
 // ... and 2 (e1 - eps) at t = 1.

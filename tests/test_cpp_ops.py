@@ -478,21 +478,23 @@ def test_missing_extension_warns_once_and_falls_back():
 
 # --- CUDA ---------------------------------------------------------------------------------------
 
-def _cuda_problem(device="cuda"):
+def _cuda_problem(shape=(5, 1, 67, 71)):
     sched = SCHED["linear"]
     gen = torch.Generator().manual_seed(9)
-    shape = (5, 1, 67, 71)
     l = torch.randn(shape, generator=gen) * 3
     y = (torch.rand(shape, generator=gen) < 0.5).float()
     y0 = (torch.rand(shape, generator=gen) < 0.5).float()
     t, s = torch.tensor([1, 2, 400, 999, 1000]), torch.tensor([0, 1, 200, 500, 0])
-    return sched, l, y, y0, t, s
+    return sched, l, y, y0, t.repeat(shape[0])[:shape[0]], s.repeat(shape[0])[:shape[0]]
 
 
+# One element; a prime sample size just over one tile (256 threads x 4); 5 samples of 4757
+# pixels (no multiple of any tile); a sample bigger than the grid's 4096 tiles.
 @requires_cuda
-def test_cuda_matches_cpu_kernels():
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 1, 1031), (5, 1, 67, 71), (1, 1, 2053, 2053)])
+def test_cuda_matches_cpu_kernels(shape):
     assert cpp.is_available(torch.device("cuda")), "berdiff_fast._C_cuda is not built"
-    sched, l, y, y0, t, s = _cuda_problem()
+    sched, l, y, y0, t, s = _cuda_problem(shape)
     dev = torch.device("cuda")
     L, Y, Y0, Tt, S = (x.to(dev) for x in (l, y, y0, t, s))
     u = rng.uniform_like(y, 13, 2**32 - 9).double()

@@ -1,4 +1,6 @@
 """The fast sampling path (compiled U-Net; CUDA graphs on a GPU) against the reference path."""
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -53,6 +55,22 @@ def test_environment_switch(monkeypatch):
     assert fast.enabled(True, torch.device("cpu"))
     monkeypatch.delenv("BERDIFF_FAST")
     assert fast.enabled(None, torch.device("cpu"))
+
+
+def test_compile_mode_choice_and_the_tuning_warning(monkeypatch):
+    # torch.compile wraps lazily: no GPU needed to check which mode a CUDA sampler would compile with.
+    model = _model()
+    monkeypatch.delenv("BERDIFF_COMPILE_MODE", raising=False)
+    with pytest.warns(UserWarning, match="tunes its kernels for several minutes"):
+        fast.compiled_unet(model, torch.device("cuda"))
+    assert list(fast._compiled[model]) == [fast.COMPILE_MODE_CUDA]
+    monkeypatch.setenv("BERDIFF_COMPILE_MODE", "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast.compiled_unet(model, torch.device("cuda"))
+        fast.compiled_unet(model, torch.device("cpu"), mode="max-autotune")  # CPU: no GPU kernels to tune
+    assert list(fast._compiled[model]) == [fast.COMPILE_MODE_CUDA, "default", "max-autotune"]
+    fast._compiled.pop(model)
 
 
 def test_bad_dtype(cpu_model):
