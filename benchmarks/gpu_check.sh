@@ -53,10 +53,10 @@ step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
 step kernels 120 $PY benchmarks/kernels.py --impls triton cuda --repeats 9 --json "$OUT/kernels.json"
-# Where the U-Net's time goes (kernel categories) and whether layout or weight dtype change it;
+# Where the U-Net's time goes (kernel categories) and whether a layout-keeping GroupNorm helps;
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)
-step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_cl}" \
+step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_gn,compiled_cl_gn}" \
   --dump-code "$CODE" --json "$OUT/profile_unet.json"
 [ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \

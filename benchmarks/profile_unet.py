@@ -1,7 +1,7 @@
 """Where one sampling step's U-Net forward spends its GPU time, per kernel category.
 
-    python benchmarks/profile_unet.py                       # lidc, 16 rows, bf16, all variants
-    python benchmarks/profile_unet.py --variants compiled --json out.json
+    python benchmarks/profile_unet.py                       # lidc, 16 rows, bf16, DEFAULT_VARIANTS
+    python benchmarks/profile_unet.py --variants compiled,compiled_autotune --json out.json
 
 The sampler's time is almost all U-Net (DESIGN §2), so issue #5's latency target is a question
 of how fast these kernels run. For each variant the forward is captured in a CUDA graph and
@@ -12,8 +12,10 @@ SiLU, adds, casts, concatenation), layout conversions and other. The convolution
 the memory-bound glue between them.
 
 Variants: compiled (Inductor, the sampler's configuration), compiled_cl (weights converted to
-channels_last before compiling), compiled_bf16w (weights stored in bf16, so no per-forward
-weight casts), eager (bf16 autocast, no compile), compiled_cudnn_bench
+channels_last before compiling), compiled_gn (GroupNorm written with views that keep
+channels_last, so that the traced activations, and with them Inductor's layout of the skip
+concatenations, are NHWC), compiled_cl_gn (both), compiled_bf16w (weights stored in bf16, so no
+per-forward weight casts), eager (bf16 autocast, no compile), compiled_cudnn_bench
 (torch.backends.cudnn.benchmark on while compiling and warming up), compiled_cdt (Inductor's
 coordinate-descent tuning of its Triton kernels' block sizes), compiled_autotune (mode
 max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -39,8 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import berdiff_fast as bf
 
-VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "eager", "compiled_cudnn_bench", "compiled_cdt",
-            "compiled_autotune")
+VARIANTS = ("compiled", "compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w", "eager", "compiled_cudnn_bench",
+            "compiled_cdt", "compiled_autotune")
+DEFAULT_VARIANTS = ("compiled", "compiled_gn", "compiled_cl_gn")
 CATEGORIES = ("conv", "gemm", "attention", "inductor", "layout", "other")
 
 
@@ -68,12 +72,26 @@ def counted_flops(model, y, x, t):
     return counter.get_total_flops(), conv
 
 
+def group_norm_keeping_layout(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x.float()).to(x.dtype)`` for 4-D x, through views that exist in both memory formats:
+    (N, C, H, W) -> (N, G, C/G, H, W) splits the channel dimension in place, so a channels_last
+    input gives a channels_last output (F.group_norm on CUDA returns NCHW)."""
+    g = x.float().unflatten(1, (norm.num_groups, x.shape[1] // norm.num_groups))
+    var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
+    y = ((g - mean) * torch.rsqrt(var + norm.eps)).flatten(1, 2)
+    return (y * norm.weight[:, None, None] + norm.bias[:, None, None]).to(x.dtype)
+
+
 def build(variant, model, dtype):
     net = model.unet
-    if variant in ("compiled_cl", "compiled_bf16w"):  # Module.to converts in place: work on a copy
+    if variant in ("compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w"):  # changed in place: copy
         net = copy.deepcopy(net)
-    if variant == "compiled_cl":
+    if variant in ("compiled_cl", "compiled_cl_gn"):
         net = net.to(memory_format=torch.channels_last)
+    if variant in ("compiled_gn", "compiled_cl_gn"):
+        for m in net.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.forward = functools.partial(group_norm_keeping_layout, m)
     if variant == "compiled_bf16w":
         net = net.to(dtype)
     if variant == "eager":
@@ -160,7 +178,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="lidc")
     p.add_argument("--rows", type=int, default=16, help="U-Net batch: k samples x images")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--peak-tflops", type=float, default=800.0)
     p.add_argument("--json", default=None)
