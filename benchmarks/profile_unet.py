@@ -19,7 +19,9 @@ per-forward weight casts), eager (bf16 autocast, no compile), compiled_cudnn_ben
 (torch.backends.cudnn.benchmark on while compiling and warming up), compiled_cdt (Inductor's
 coordinate-descent tuning of its Triton kernels' block sizes), compiled_autotune (mode
 max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too).
-The first call's time (compilation, tuning) is reported as compile_seconds.
+The first call's time (compilation, tuning) is reported as compile_seconds, and each variant's
+largest logit difference from the first variant's as max_abs_diff_vs_first_variant (the weights
+are perturbed from their initialisation, whose zeroed last layers would make every output 0).
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import berdiff_fast as bf
 
-VARIANTS = ("compiled", "compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w", "eager", "compiled_cudnn_bench",
-            "compiled_cdt", "compiled_autotune")
+VARIANTS = ("compiled", "compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w", "eager",
+            "compiled_cudnn_bench", "compiled_cdt", "compiled_autotune")
 DEFAULT_VARIANTS = ("compiled", "compiled_gn", "compiled_cl_gn")
 CATEGORIES = ("conv", "gemm", "attention", "inductor", "layout", "other")
 
@@ -195,6 +197,9 @@ def main(argv=None) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     model = bf.BerDiff.from_preset(args.preset).to(dev).eval()
+    with torch.no_grad():  # the zero-initialised last layers would make every variant's output 0
+        for prm in model.parameters():
+            prm.add_(0.02 * torch.randn_like(prm))
     n, size, ch = args.rows, model.image_size, model.image_channels
     x = torch.randn(n, ch, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(n, 1, size, size, device=dev) < 0.5).float()
@@ -208,6 +213,7 @@ def main(argv=None) -> dict:
                      "python": platform.python_version(), "berdiff_fast": bf.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    first_out = None
     for variant in variants:
         torch.backends.cudnn.benchmark = variant == "compiled_cudnn_bench"
         net = build(variant, model, dtype)
@@ -218,14 +224,16 @@ def main(argv=None) -> dict:
                 return net(y, xv, t)
 
         start = time.perf_counter()
-        fwd()
+        out = fwd().float()
         torch.cuda.synchronize()
         compile_seconds = time.perf_counter() - start
+        first_out = out if first_out is None else first_out
         g = capture(fwd)
         sec = time_graph(g, args.repeats)
         cats, top = breakdown(fwd)
         conv_ms = cats["conv"]
-        r = {"ms_per_forward": sec * 1e3, "compile_seconds": compile_seconds, "tflops": flops / sec / 1e12,
+        r = {"ms_per_forward": sec * 1e3, "compile_seconds": compile_seconds,
+             "max_abs_diff_vs_first_variant": (out - first_out).abs().max().item(), "tflops": flops / sec / 1e12,
              "fraction_of_peak": flops / sec / 1e12 / args.peak_tflops,
              "kernel_ms_by_category": cats, "kernel_ms_total": sum(cats.values()),
              "conv_tflops": conv_flops / (conv_ms / 1e3) / 1e12 if conv_ms else None, "top_kernels": top}
@@ -233,8 +241,9 @@ def main(argv=None) -> dict:
         if args.dump_code and variant != "eager":
             r["inductor_code"] = dump_wrapper([k["kernel"] for k in top if k["category"] == "inductor"],
                                               args.dump_code, variant)
-        print(f"  {variant:22s} {sec * 1e3:7.2f} ms/forward  {r['tflops']:6.1f} TFLOP/s  first call {compile_seconds:.0f} s",
-              file=sys.stderr)
+        print(f"  {variant:22s} {sec * 1e3:7.2f} ms/forward  {r['tflops']:6.1f} TFLOP/s  "
+              f"first call {compile_seconds:.0f} s  logits differ from the first variant's by "
+              f"<= {r['max_abs_diff_vs_first_variant']:.3g}", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
