@@ -4,6 +4,7 @@
 # latency and training benchmarks.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # GPU_CHECK_BUDGET=460 seconds by default
 #   GPU_CHECK_STEPS=build,cuda_tests,kernels bash benchmarks/gpu_check.sh OUT_DIR   # some steps only
+#   GPU_CHECK_STEPS=build,ncu_kernels ...   # optional steps (ncu_kernels) run only when named
 # Steps run in order of importance, each cut at its own limit and at what is left of the
 # budget, so the whole script ends inside it. Output: OUT_DIR/log.txt (every step's log), one
 # JSON per benchmark (written as they go, so a cut run keeps what it measured) and
@@ -37,6 +38,10 @@ step() {  # step NAME LIMIT COMMAND...: run within min(LIMIT, budget left), log,
   status+=("$(printf '%-18s %-9s %4ds' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo "FAIL:$rc")" $((SECONDS - t0)))")
 }
 
+optional_step() {  # like step, but only when GPU_CHECK_STEPS names it
+  if [[ ",${GPU_CHECK_STEPS:-}," == *",$1,"* ]]; then step "$@"; fi
+}
+
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.total --format=csv,noheader
   $PY - <<'PY'
 import platform, torch, triton
@@ -59,6 +64,13 @@ CODE=$(mktemp -d)
 step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_gn,compiled_cl_gn}" \
   --dump-code "$CODE" --json "$OUT/profile_unet.json"
 [ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
+# Optional, for issue #4's remaining gap: hardware counters (Nsight Compute) of the DDIM step and
+# q_sample kernels, Triton's and CUDA's, at 64x1x512x512; a table of them is printed last.
+NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 24 -k "regex:step_kernel|q_sample_kernel" \
+  --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
+  --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda --ops q_sample ddim_step \
+  --shape 64x1x512x512 --repeats 1 --inner 1
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
 step latency_s10 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 \
@@ -91,6 +103,15 @@ if os.path.exists(f):
         ct = f"conv {v['conv_tflops']:.0f} TFLOP/s" if v.get("conv_tflops") else ""
         print(f"unet {name:<18} {v['ms_per_forward']:6.2f} ms/forward {v['tflops']:4.0f} TFLOP/s  first call "
               f"{v.get('compile_seconds', 0):4.0f} s  {ct}  ms: {cats}")
+f = os.path.join(out, "ncu_kernels.csv")
+if os.path.exists(f):  # one line per profiled launch: kernel, then each metric's value
+    import csv
+    launches = {}
+    for row in csv.DictReader(l for l in open(f) if l.startswith('"')):
+        k = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"][:60]})
+        k[row["Metric Name"].split("__")[1].split(".")[0]] = row["Metric Value"]
+    for k in launches.values():
+        print("ncu " + "  ".join(f"{n} {v}" for n, v in k.items()))
 for f in sorted(glob.glob(os.path.join(out, "latency_*.json"))):
     r = json.load(open(f))
     for mode, v in r["results"].items():
