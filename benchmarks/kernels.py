@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -32,6 +30,7 @@ from berdiff_fast import backends, reference, rng
 from berdiff_fast import functional as F
 from berdiff_fast.backends import torch_ref
 from berdiff_fast.schedule import COL_ALPHA, COL_ALPHA_BAR, COL_BETA_HALF, COL_FLIP, NoiseSchedule
+from _timing import time_call  # benchmarks/, the script's folder, is on sys.path
 
 SHAPES = [(16, 1, 128, 128), (64, 1, 512, 512)]
 QUICK_SHAPES = [(4, 1, 32, 32), (16, 1, 128, 128)]
@@ -184,34 +183,6 @@ def bytes_moved(op: str, x) -> int:
 
 
 # --- timing ------------------------------------------------------------------------------------
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device, repeats: int, inner: int) -> float:
-    """Median seconds per call over ``repeats`` measurements of ``inner`` back-to-back calls."""
-    fn()
-    fn()  # warm up (compilation, caches, autotuning)
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
 
 def time_graph(fn, device, repeats: int, inner: int) -> float | None:
     """Median seconds per call of ``inner`` calls captured in one CUDA graph; None if the calls

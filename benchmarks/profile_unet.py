@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -43,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import berdiff_fast as bf
+from _timing import time_call  # benchmarks/, the script's folder, is on sys.path
 
 VARIANTS = ("compiled", "compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w", "eager",
             "compiled_cudnn_bench", "compiled_cdt", "compiled_autotune")
@@ -116,19 +116,6 @@ def capture(fn, warmup=3):
     with torch.cuda.graph(g):
         fn()
     return g
-
-
-def time_graph(g, repeats, inner=10):
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner / 1e3)
-    return statistics.median(times)
 
 
 def breakdown(fn, iters=3):
@@ -229,7 +216,7 @@ def main(argv=None) -> dict:
         compile_seconds = time.perf_counter() - start
         first_out = out if first_out is None else first_out
         g = capture(fwd)
-        sec = time_graph(g, args.repeats)
+        sec = time_call(g.replay, dev, args.repeats, inner=10)
         cats, top = breakdown(fwd)
         conv_ms = cats["conv"]
         r = {"ms_per_forward": sec * 1e3, "compile_seconds": compile_seconds,
