@@ -2,7 +2,8 @@
 # The C++ core's checks (issue #4), run by .ci/run after the Python tests:
 #  1. CMake build of csrc/ without Python or torch, and its ctest unit tests (Philox known-answer
 #     vectors, the Triton stream, the scalar math against the Python reference, the CPU kernels
-#     of every instruction set); with nvcc present the pure-CUDA kernels compile too;
+#     of every instruction set, the CUDA kernels' tiles on the host); with nvcc present the
+#     pure-CUDA kernels compile too;
 #  2. nvcc compile (no GPU needed, no link) of the torch-side CUDA launchers against the
 #     installed torch's headers, so CUDA code that does not compile cannot land.
 set -euo pipefail

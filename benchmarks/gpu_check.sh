@@ -57,7 +57,8 @@ step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "
 # The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
-step kernels 120 $PY benchmarks/kernels.py --impls triton cuda --repeats 9 --json "$OUT/kernels.json"
+# cuda_contiguous: the CUDA kernels in their contiguous tile layout (BERDIFF_CUDA_TILES), beside the default.
+step kernels 120 $PY benchmarks/kernels.py --impls triton cuda cuda_contiguous --repeats 9 --json "$OUT/kernels.json"
 # Where the U-Net's time goes (kernel categories) and whether a layout-keeping GroupNorm helps;
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)
@@ -67,9 +68,9 @@ step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py
 # Optional, for issue #4's remaining gap: hardware counters (Nsight Compute) of the DDIM step and
 # q_sample kernels, Triton's and CUDA's, at 64x1x512x512; a table of them is printed last.
 NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 24 -k "regex:step_kernel|q_sample_kernel" \
+optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 40 -k "regex:step_kernel|q_sample_kernel" \
   --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
-  --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda --ops q_sample ddim_step \
+  --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda cuda_contiguous --ops q_sample ddim_step \
   --shape 64x1x512x512 --repeats 1 --inner 1
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
@@ -93,7 +94,7 @@ for f in sorted(glob.glob(os.path.join(out, "kernels*.json"))):
             continue
         g = f"{r['graph_us']:7.1f}" if r.get("graph_us") else "      -"
         c = f"{100 * r['frac_copy']:5.1f}%" if r.get("frac_copy") else "     -"
-        print(f"kernel {r['op']:<14} {r['shape']:<13} {r['impl']:<13} {r['median_us']:9.1f} us  graph {g} us "
+        print(f"kernel {r['op']:<14} {r['shape']:<13} {r['impl']:<15} {r['median_us']:9.1f} us  graph {g} us "
               f" {c} of copy  x{r['speedup_vs_eager']:.1f} eager")
 f = os.path.join(out, "profile_unet.json")
 if os.path.exists(f):

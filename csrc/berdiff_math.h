@@ -52,6 +52,18 @@ BERDIFF_HD float bits_float(uint32_t u) {
 #endif
 }
 
+// The float64 tiles' bit casts: a 64-bit memcpy is a register move on the host and the device.
+BERDIFF_HD uint64_t double_bits(double x) {
+  uint64_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
+}
+BERDIFF_HD double bits_double(uint64_t u) {
+  double x;
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+
 // ---- Philox4x32-10 and Triton's uniform map (DESIGN §3) ----------------------------------------
 
 namespace philox {

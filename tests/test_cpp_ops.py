@@ -488,12 +488,20 @@ def _cuda_problem(shape=(5, 1, 67, 71)):
     return sched, l, y, y0, t.repeat(shape[0])[:shape[0]], s.repeat(shape[0])[:shape[0]]
 
 
+# The CUDA kernels' two tile layouts (csrc/tile.h), chosen at launch by BERDIFF_CUDA_TILES.
+TILE_LAYOUTS = ("strided", "contiguous")
+
+
 # One element; a prime sample size just over one tile (256 threads x 4); 5 samples of 4757
-# pixels (no multiple of any tile); a sample bigger than the grid's 4096 tiles.
+# pixels (no multiple of any tile: the contiguous layout's scalar path from the second sample
+# on); 128x128 samples (every tile on the vector path); a sample bigger than the grid's 4096 tiles.
 @requires_cuda
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 1, 1031), (5, 1, 67, 71), (1, 1, 2053, 2053)])
-def test_cuda_matches_cpu_kernels(shape):
+@pytest.mark.parametrize("tiles", TILE_LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 1, 1031), (5, 1, 67, 71), (2, 1, 128, 128),
+                                   (1, 1, 2053, 2053)])
+def test_cuda_matches_cpu_kernels(shape, tiles, monkeypatch):
     assert cpp.is_available(torch.device("cuda")), "berdiff_fast._C_cuda is not built"
+    monkeypatch.setenv("BERDIFF_CUDA_TILES", tiles)
     sched, l, y, y0, t, s = _cuda_problem(shape)
     dev = torch.device("cuda")
     L, Y, Y0, Tt, S = (x.to(dev) for x in (l, y, y0, t, s))
@@ -523,6 +531,42 @@ def test_cuda_matches_cpu_kernels(shape):
         torch.testing.assert_close(la.grad.cpu().double(), lb.grad.double(), rtol=1e-2 if ld == torch.bfloat16 else 1e-4,
                                    atol=1e-7)
     torch.testing.assert_close(cpp.predict_y0(L, Y).cpu(), cpp.predict_y0(l, y), atol=1e-6, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tiles", TILE_LAYOUTS)
+def test_cuda_misaligned_views(tiles, monkeypatch):
+    """Inputs one element past a vector boundary (views into a bigger buffer) give the CPU
+    kernels' results: the contiguous layout must fall back to scalar accesses there. (Outputs
+    are always fresh, aligned allocations.)"""
+    monkeypatch.setenv("BERDIFF_CUDA_TILES", tiles)
+    sched, l, y, y0, t, s = _cuda_problem((2, 1, 32, 64))
+    dev = torch.device("cuda")
+
+    def shifted(x, dtype):  # x's values, stored one element into a bigger device buffer
+        buf = torch.zeros(x.numel() + 1, dtype=dtype, device=dev)
+        buf[1:] = x.flatten().to(dtype)
+        return buf[1:].view(x.shape)
+
+    for mask_dtype in (torch.uint8, torch.float32):
+        L, Y = shifted(l, torch.float32), shifted(y, mask_dtype)
+        assert L.data_ptr() % 16 != 0 and Y.data_ptr() % 16 != 0
+        a = cpp.ddim_step(L, Y, t.to(dev), s.to(dev), sched, 5, 77, 1.0, True)
+        b = cpp.ddim_step(l, y.to(mask_dtype), t, s, sched, 5, 77, 1.0, True)
+        assert (a[0].cpu() != b[0]).float().mean() < 1e-3
+        torch.testing.assert_close(a[1].cpu(), b[1], atol=1e-6, rtol=0)
+        qa, qb = cpp.q_sample(shifted(y0, mask_dtype), t.to(dev), sched, 5, 77), cpp.q_sample(y0.to(mask_dtype), t, sched, 5, 77)
+        assert torch.equal(qa[0].cpu(), qb[0]) and torch.equal(qa[1].cpu(), qb[1])
+    torch.testing.assert_close(cpp.predict_y0(shifted(l, torch.bfloat16), shifted(y, torch.uint8)).cpu(),
+                               cpp.predict_y0(l.bfloat16(), y.to(torch.uint8)), atol=1e-6, rtol=0)
+
+
+@requires_cuda
+def test_cuda_tile_layout_is_checked(monkeypatch):
+    monkeypatch.setenv("BERDIFF_CUDA_TILES", "blocked")
+    dev = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="BERDIFF_CUDA_TILES.*strided.*contiguous.*blocked"):
+        cpp.init_noise((4,), 1, 0, dev, torch.uint8)
 
 
 @requires_cuda

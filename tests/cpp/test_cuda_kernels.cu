@@ -15,16 +15,16 @@
 using namespace berdiff;
 
 // Every launcher instantiated, so a kernel that does not compile fails this build.
-template void cuda::launch_q_sample<float>(const OpArgs&, cudaStream_t);
-template void cuda::launch_q_sample<double>(const OpArgs&, cudaStream_t);
-template void cuda::launch_step<float>(const OpArgs&, bool, cudaStream_t);
-template void cuda::launch_step<double>(const OpArgs&, bool, cudaStream_t);
-template void cuda::launch_predict_y0<float>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_predict_y0<double>(const OpArgs&, int64_t, cudaStream_t);
-template void cuda::launch_loss<float>(const OpArgs&, double*, cudaStream_t);
-template void cuda::launch_loss<double>(const OpArgs&, double*, cudaStream_t);
-template void cuda::launch_loss_backward<float>(const OpArgs&, cudaStream_t);
-template void cuda::launch_loss_backward<double>(const OpArgs&, cudaStream_t);
+template void cuda::launch_q_sample<float>(const OpArgs&, TileLayout, cudaStream_t);
+template void cuda::launch_q_sample<double>(const OpArgs&, TileLayout, cudaStream_t);
+template void cuda::launch_step<float>(const OpArgs&, bool, TileLayout, cudaStream_t);
+template void cuda::launch_step<double>(const OpArgs&, bool, TileLayout, cudaStream_t);
+template void cuda::launch_predict_y0<float>(const OpArgs&, int64_t, TileLayout, cudaStream_t);
+template void cuda::launch_predict_y0<double>(const OpArgs&, int64_t, TileLayout, cudaStream_t);
+template void cuda::launch_loss<float>(const OpArgs&, double*, TileLayout, cudaStream_t);
+template void cuda::launch_loss<double>(const OpArgs&, double*, TileLayout, cudaStream_t);
+template void cuda::launch_loss_backward<float>(const OpArgs&, TileLayout, cudaStream_t);
+template void cuda::launch_loss_backward<double>(const OpArgs&, TileLayout, cudaStream_t);
 
 #define CUDA_OK(expr)                                                                    \
   do {                                                                                   \
@@ -89,24 +89,27 @@ int main() {
   dev.seed_ptr = d_key;
   dev.offset_ptr = d_key + 1;
 
-  for (int ddim = 0; ddim < 2; ++ddim) {
-    std::vector<float> want(n), want_y0(n), got(n), got_y0(n);
-    host.out = want.data();
-    host.out2 = want_y0.data();
-    (ddim ? cpu::kernels_default().ddim_step : cpu::kernels_default().ddpm_step)(host, 0, n);
-    dev.out = d_out;
-    dev.out2 = d_y0_hat;
-    cuda::launch_step<float>(dev, ddim != 0, 0);
-    CUDA_OK(cudaGetLastError());
-    CUDA_OK(cudaMemcpy(got.data(), d_out, n * 4, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(got_y0.data(), d_y0_hat, n * 4, cudaMemcpyDeviceToHost));
-    int bad_mask = 0, bad_y0 = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      bad_y0 += std::fabs(got_y0[i] - want_y0[i]) > 1e-6f;
-      bad_mask += got[i] != want[i];
+  for (const TileLayout layout : {TileLayout::Strided, TileLayout::Contiguous}) {
+    const char* lname = layout == TileLayout::Strided ? "strided" : "contiguous";
+    for (int ddim = 0; ddim < 2; ++ddim) {
+      std::vector<float> want(n), want_y0(n), got(n), got_y0(n);
+      host.out = want.data();
+      host.out2 = want_y0.data();
+      (ddim ? cpu::kernels_default().ddim_step : cpu::kernels_default().ddpm_step)(host, 0, n);
+      dev.out = d_out;
+      dev.out2 = d_y0_hat;
+      cuda::launch_step<float>(dev, ddim != 0, layout, 0);
+      CUDA_OK(cudaGetLastError());
+      CUDA_OK(cudaMemcpy(got.data(), d_out, n * 4, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(got_y0.data(), d_y0_hat, n * 4, cudaMemcpyDeviceToHost));
+      int bad_mask = 0, bad_y0 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        bad_y0 += std::fabs(got_y0[i] - want_y0[i]) > 1e-6f;
+        bad_mask += got[i] != want[i];
+      }
+      CHECK(bad_y0 == 0, "%s %s: %d y0_hat values differ from the CPU kernels", lname, ddim ? "ddim" : "ddpm", bad_y0);
+      CHECK(bad_mask <= 2, "%s %s: %d masks differ from the CPU kernels", lname, ddim ? "ddim" : "ddpm", bad_mask);
     }
-    CHECK(bad_y0 == 0, "%s: %d y0_hat values differ from the CPU kernels", ddim ? "ddim" : "ddpm", bad_y0);
-    CHECK(bad_mask <= 2, "%s: %d masks differ from the CPU kernels", ddim ? "ddim" : "ddpm", bad_mask);
   }
   return berdiff_test::finish("test_cuda_kernels");
 }
