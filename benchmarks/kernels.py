@@ -3,9 +3,10 @@
     python benchmarks/kernels.py [--quick] [--device cuda] [--json results.json]
 
 For each op and shape it times: ``torch`` (the eager reference backend), ``torch+compile``
-(the same mathematics through torch.compile, uniforms drawn eagerly: see CompiledReference) and every fused backend that runs here (``triton``
-and ``cuda`` on a GPU, ``cpu`` on CPU; ``cuda_contiguous`` is the CUDA kernels with the tile
-layout BERDIFF_CUDA_TILES=contiguous, timed beside the default strided one), each through its backend module (the functional API's
+(the same mathematics through torch.compile, uniforms drawn eagerly: see CompiledReference) and
+every fused backend that runs here (``triton`` and ``cuda`` on a GPU, ``cpu`` on CPU;
+``cuda_contiguous`` is the CUDA kernels with the tile layout BERDIFF_CUDA_TILES=contiguous,
+timed beside the default strided one), each through its backend module (the functional API's
 argument checks, which synchronise, are left out; ``--validate`` times the functional API
 instead). Times are medians over ``--repeats`` measurements of ``--inner`` back-to-back calls.
 
@@ -19,11 +20,11 @@ shapes for a CPU check. The Triton interpreter is not a benchmark: do not set TR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
-import contextlib
 from typing import Callable
 
 import torch

@@ -230,7 +230,9 @@ BERDIFF_HD void store_tile(void* p, Dtype d, int64_t i0, int64_t end, const Regs
 // ---- the two layouts of the CUDA kernels -------------------------------------------------------
 
 // Per layout, the tile of the elementwise kernels and of the loss's first pass.
-struct StridedTiles {  // four elements per thread at a block's stride
+// Strided, four elements per thread: with one, predict_y0 ran at 49% of an H100's copy bandwidth,
+// with four at 73% (benchmarks/RESULTS.md).
+struct StridedTiles {
   using Ops = Tile<256, 4, false>;
   using Loss = Tile<512, 4, false>;
 };

@@ -23,8 +23,9 @@ void check_cuda(const char* name, const at::Tensor& x) {
 cudaStream_t stream_of(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 
 // The kernels' tile layout (tile.h), from BERDIFF_CUDA_TILES at each launch: "strided" (the
-// default) or "contiguous" (Triton's layout, with vector loads). Both give the same results; the
-// variable exists so that one benchmark run can time both (benchmarks/kernels.py).
+// default) or "contiguous" (Triton's layout, with vector loads). Both draw the same stream and
+// give the same masks (the loss sums in another order); the variable exists so that one
+// benchmark run can time both (benchmarks/kernels.py).
 TileLayout tile_layout() {
   const char* v = std::getenv("BERDIFF_CUDA_TILES");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "strided") == 0) return TileLayout::Strided;
