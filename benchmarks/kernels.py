@@ -45,6 +45,11 @@ DTYPES = {"uint8": torch.uint8, "bool": torch.bool, "float32": torch.float32,
 SEED = 1234
 
 
+def variant(impl: str) -> tuple[str, dict[str, str]]:
+    """(backend, environment) of an implementation: a plain backend runs in the environment as is."""
+    return VARIANTS.get(impl, (impl, {}))
+
+
 # --- the workload ----------------------------------------------------------------------------
 
 def make_inputs(shape, device, mask_dtype, logit_dtype):
@@ -268,16 +273,16 @@ def run(args) -> dict:
             if impl == "torch+compile":
                 calls[impl] = compiled_reference_calls(x, sched, device)
             elif args.validate:
-                calls[impl] = functional_calls(VARIANTS.get(impl, (impl,))[0], x, sched, device)
+                calls[impl] = functional_calls(variant(impl)[0], x, sched, device)
             else:
-                calls[impl] = op_calls(backends.resolve(VARIANTS.get(impl, (impl,))[0], device), x, sched, device)
+                calls[impl] = op_calls(backends.resolve(variant(impl)[0], device), x, sched, device)
         for op in calls["torch"]:
             if args.ops and op not in args.ops:
                 continue
             base = None
             for impl in impls:
                 inner = args.inner if x["y_t"].numel() <= 2**20 else max(1, args.inner // 10)
-                with environment(VARIANTS.get(impl, (None, {}))[1]):
+                with environment(variant(impl)[1]):
                     sec = time_call(calls[impl][op], device, args.repeats, inner)
                     graph = (time_graph(calls[impl][op], device, args.repeats, inner)
                              if device.type == "cuda" and impl != "torch+compile" and op != "loss_fwd_bwd" else None)
