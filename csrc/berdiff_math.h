@@ -126,7 +126,8 @@ BERDIFF_HD float philox_uniform(uint64_t seed, uint64_t counter) {
 #else
   // The same rounds as philox4x32_10, with each 32-bit word held in a 64-bit variable: a CPU
   // loop over counters then vectorises into one 32x32->64 multiply (vpmuludq) per word and round
-  // with no packing between widths (2x faster on AVX-512). Only the low 32 bits of x0..x3 are
+  // with no packing between widths: 1.5-1.8x faster CPU ops with AVX-512, whose build of the CPU
+  // kernels uses it (cpu/kernels_impl.h, uniform_chunk). Only the low 32 bits of x0..x3 are
   // meaningful; every multiply masks its operand, and the result keeps the low word of x0.
   const uint64_t kLo = 0xFFFFFFFFull;
   uint64_t x0 = counter & kLo, x1 = counter >> 32, x2 = 0, x3 = 0;

@@ -18,7 +18,8 @@ inline Dtype storage_dtype(at::ScalarType st) {
     case at::kHalf: return Dtype::F16;
     case at::kBFloat16: return Dtype::BF16;
     case at::kFloat: return Dtype::F32;
-    default: return Dtype::F64;
+    case at::kDouble: return Dtype::F64;
+    default: TORCH_CHECK(false, "internal: no storage dtype for ", st, " (the op's checks should have refused it)");
   }
 }
 
@@ -53,10 +54,12 @@ inline void same_shape(const char* name, const at::Tensor& x, const at::Tensor& 
               " (nothing is broadcast)");
 }
 
-// The schedule rows: [T + 1, 4] float32 or float64 on `device`.
-inline void table(const at::Tensor& x, const at::Device& device) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == 4 && x.size(0) >= 1,
-              "table: expected the schedule's [T + 1, 4] rows (NoiseSchedule.table()), got shape ", x.sizes());
+// The schedule rows: [T + 1, 4] float32 or float64 on `device`, at least `min_rows` of them (the
+// steps and the loss read rows t and t - 1 with t >= 1: two; the CUDA kernels clamp t into the
+// table, which needs those rows to exist).
+inline void table(const at::Tensor& x, const at::Device& device, int64_t min_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 4 && x.size(0) >= min_rows, "table: expected the schedule's [T + 1, 4] rows",
+              min_rows > 1 ? " with T >= 1" : "", " (NoiseSchedule.table()), got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "table: expected float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.device() == device, "table: on ", x.device(), ", expected ", device);

@@ -34,7 +34,7 @@ inline QSample q_sample(const at::Tensor& y0_in, const at::Tensor& t_in, const a
   const at::Device dev = y0_in.device();
   checks::mask("y0", y0_in, dev);
   checks::times("t", t_in, y0_in.size(0), dev);
-  checks::table(table_in, dev);
+  checks::table(table_in, dev, 1);
   checks::rng_key("seed", seed, dev);
   checks::rng_key("offset", offset, dev);
   QSample p{y0_in.contiguous(), t_in.contiguous(), table_in.contiguous(), {}, {}, OpArgs()};
@@ -85,7 +85,7 @@ inline Step step(const at::Tensor& logits_in, const at::Tensor& y_t_in, const at
   checks::logits(logits_in, y_t_in);
   checks::times("t", t_in, y_t_in.size(0), dev);
   if (s_in != nullptr) checks::times("s", *s_in, y_t_in.size(0), dev);
-  checks::table(table_in, dev);
+  checks::table(table_in, dev, 2);
   checks::rng_key("seed", seed, dev);
   checks::rng_key("offset", offset, dev);
   TORCH_CHECK(eta >= 0.0 && eta <= 1.0, "eta: expected a number in [0, 1], got ", eta);
@@ -144,7 +144,7 @@ inline Loss loss(const at::Tensor& logits, const at::Tensor& y_t, const at::Tens
   checks::same_shape("y0", y0, y_t);
   checks::logits(logits, y_t);
   checks::times("t", t, y_t.size(0), dev);
-  checks::table(table, dev);
+  checks::table(table, dev, 2);
   Loss p{logits.contiguous(), y_t.contiguous(), y0.contiguous(), t.contiguous(), table.contiguous(), at::Tensor(),
          checks::compute_type({&logits, &y_t, &y0}), OpArgs()};
   OpArgs& a = p.a;

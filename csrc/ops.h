@@ -1,10 +1,13 @@
 // The operators of torch.ops.berdiff, one declaration per device (schemas: torch_bindings.cpp).
 //
-// Masks (y0, y_t) are bool, uint8, float16, bfloat16, float32 or float64; logits float16,
-// bfloat16, float32 or float64; all of shape [B, ...]. t, s: int64 [B] in paper time. table:
-// the schedule's [T + 1, 4] rows (berdiff_fast.schedule.NoiseSchedule.table). seed, offset:
+// Masks (y0, y_t) are bool, uint8, float16, bfloat16, float32 or float64 holding 0 and 1 only
+// (not checked here: the Python API checks; other values give meaningless results); logits
+// float16, bfloat16, float32 or float64; all of shape [B, ...]. t, s: int64 [B] in paper time,
+// 1 <= t <= T and 0 <= s < t (checked on the CPU; clamped into the table on CUDA, see
+// cuda/berdiff_kernels.cuh). table: the schedule's [T + 1, 4] rows
+// (berdiff_fast.schedule.NoiseSchedule.table), read in the compute type. seed, offset:
 // one-element int64 tensors, on the CPU or on the data's device (read there by the kernel).
-// The compute type is float64 when any floating input is float64, else float32.
+// The compute type is float64 when a mask or the logits are float64, else float32.
 #pragma once
 
 #include <ATen/core/Tensor.h>

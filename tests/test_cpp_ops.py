@@ -358,6 +358,26 @@ def test_bad_input_rejected():
         ops.init_noise_(torch.zeros(4, 6).t(), k, k)
     with pytest.raises(RuntimeError, match="grad: expected shape \\[2\\]"):
         ops.loss_backward(torch.ones(3), l, y, y, t, table)
+    # The steps and the loss read rows t and t - 1: a one-row table has no T >= 1 (on CUDA, where
+    # t is clamped rather than checked, it would be read out of bounds).
+    with pytest.raises(RuntimeError, match="table: expected the schedule's \\[T \\+ 1, 4\\] rows with T >= 1"):
+        ops.ddpm_step(l, y, t, table[:1], k, k, False)
+    with pytest.raises(RuntimeError, match="with T >= 1"):
+        ops.loss(l, y, y, t, table[:1])
+    assert ops.q_sample(y, torch.tensor([0, 0]), table[:1], k, k)[0].shape == y.shape  # t = 0 needs row 0 only
+    with pytest.raises(RuntimeError, match=r"s\[1\] = 2 is not smaller than t\[1\] = 2"):
+        ops.ddim_step(l, y, t, torch.tensor([0, 2]), table, k, k, 1.0, False)
+
+
+def test_bool_outputs_are_0_or_1_even_from_invalid_bool_input():
+    # A bool view of bytes equal to 2 is an invalid input; whatever comes out must still be a
+    # valid bool (byte 0 or 1), as the CUDA kernels' store gives.
+    y0 = torch.full((1, 64), 2, dtype=torch.uint8).view(torch.bool)
+    table = SCHED["linear"].table(CPU, torch.float32)
+    k = torch.tensor(0)
+    y_t, eps = torch.ops.berdiff.q_sample(y0, torch.tensor([500]), table, k, k)
+    assert set(y_t.view(torch.uint8).unique().tolist()) <= {0, 1}
+    assert set(eps.view(torch.uint8).unique().tolist()) <= {0, 1} and eps.any()
 
 
 # --- torch.library: opcheck and torch.compile ----------------------------------------------------

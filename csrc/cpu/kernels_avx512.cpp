@@ -13,6 +13,7 @@
 #define BERDIFF_CPU_ISA isa_avx512
 #define BERDIFF_CPU_ISA_NAME "avx512"
 #define BERDIFF_CPU_TABLE kernels_avx512
+#define BERDIFF_CPU_WIDE_PHILOX  // uniform_chunk: 64-bit-lane Philox rounds
 #include "kernels_impl.h"
 
 #if defined(__clang__)

@@ -35,7 +35,11 @@ inline void load_chunk(const void* p, Dtype d, int64_t start, int n, T* dst) {
 template <typename T>
 inline void store_chunk(void* p, Dtype d, int64_t start, int n, const T* src) {
   switch (d) {
-    case Dtype::Bool:
+    case Dtype::Bool: {  // a bool byte must be 0 or 1, whatever the value (store_as does the same)
+      uint8_t* o = static_cast<uint8_t*>(p) + start;
+      for (int i = 0; i < n; ++i) o[i] = src[i] != T(0);
+      break;
+    }
     case Dtype::U8: {
       uint8_t* o = static_cast<uint8_t*>(p) + start;
       for (int i = 0; i < n; ++i) o[i] = static_cast<uint8_t>(src[i]);  // masks: 0 or 1
@@ -64,14 +68,19 @@ inline void store_chunk(void* p, Dtype d, int64_t start, int n, const T* src) {
   }
 }
 
-// u[i] = tl.rand(seed, counter + i).
+// u[i] = tl.rand(seed, counter + i). The AVX-512 build takes philox_uniform's 64-bit-lane rounds
+// (one vpmuludq per word and round); with SSE2 or AVX2 the 32-bit rounds are as fast or faster.
 inline void uniform_chunk(uint64_t seed, uint64_t counter, int n, float* u) {
+#if defined(BERDIFF_CPU_WIDE_PHILOX)
+  for (int i = 0; i < n; ++i) u[i] = philox_uniform(seed, counter + static_cast<uint64_t>(i));
+#else
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < n; ++i) {
     const uint64_t c = counter + static_cast<uint64_t>(i);
     const Philox4x32 ctr{static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u};
     u[i] = uint_to_uniform(philox4x32_10(ctr, k0, k1).x);
   }
+#endif
 }
 
 // f(b, start, n) for each chunk of [begin, end), chunks never straddling two samples.

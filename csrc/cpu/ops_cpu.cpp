@@ -33,12 +33,21 @@ const cpu::KernelTable& kernels() {
   return *k;
 }
 
-// Paper times must index the table: lo <= t[b] <= T.
+// Paper times must index the table: lo <= t[b] <= T = rows - 1.
 void check_time_values(const char* name, const at::Tensor& t, int64_t lo, int64_t rows) {
   const int64_t* p = t.data_ptr<int64_t>();
   for (int64_t b = 0; b < t.numel(); ++b) {
     TORCH_CHECK(p[b] >= lo && p[b] < rows, name, "[", b, "] = ", p[b], " is outside ", lo, "..", rows - 1,
-                " (paper time, 0..T of the schedule table)");
+                " (paper time; the table has T = ", rows - 1, ")");
+  }
+}
+
+// A DDIM jump goes back in time: s[b] < t[b].
+void check_jump_targets(const at::Tensor& t, const at::Tensor& s) {
+  const int64_t *pt = t.data_ptr<int64_t>(), *ps = s.data_ptr<int64_t>();
+  for (int64_t b = 0; b < t.numel(); ++b) {
+    TORCH_CHECK(ps[b] < pt[b], "s[", b, "] = ", ps[b], " is not smaller than t[", b, "] = ", pt[b],
+                " (a DDIM jump goes back in time)");
   }
 }
 
@@ -79,7 +88,10 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& logits, const at::
                                             const at::Tensor& offset, double eta, bool return_y0) {
   setup::Step p = setup::step(logits, y_t, t, s, table, seed, offset, eta, return_y0);
   check_time_values("t", p.t, 1, p.table.size(0));
-  if (s != nullptr) check_time_values("s", p.s, 0, p.table.size(0));
+  if (s != nullptr) {
+    check_time_values("s", p.s, 0, p.table.size(0));
+    check_jump_targets(p.t, p.s);
+  }
   parallel_elements(p.a, p.y_t.numel(), s != nullptr ? kernels().ddim_step : kernels().ddpm_step);
   return {p.y, p.y0_hat};
 }

@@ -9,7 +9,8 @@
 // inputs) with the formulas of berdiff_math.h. The Philox key and counter are read
 // from device memory when OpArgs carries pointers, so a captured CUDA graph draws fresh numbers
 // on replay after the caller advances the offset tensor. Paper times are clamped into the
-// table's range (the host checks them; a device-side check would need a synchronisation).
+// table's range and not checked: the values live on the device, and a check would synchronise
+// (or break a capture). The Python API checks them eagerly; the CPU ops check them always.
 #pragma once
 
 #include <stdint.h>
