@@ -20,6 +20,16 @@ def tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None
     return x
 
 
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.uint8, *LOGIT_DTYPES)  # what every backend stores and loads
+
+
+def dtype(name: str, value, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(str(d) for d in allowed)}, got {value}")
+    return value
+
+
 def same_device(**tensors: torch.Tensor) -> None:
     devs = {k: v.device for k, v in tensors.items()}
     if len(set(devs.values())) > 1:

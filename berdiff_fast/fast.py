@@ -7,9 +7,10 @@ times; timesteps, the Philox offset and the seed are read on the device, so the 
 synchronises with the host. The last step (y0_hat instead of a draw) is a second graph.
 
 Compiled modules and graphs are cached per (model, rows, image shape, steps, sampler, eta,
-dtype, device, backend) and reused across calls; ``clear_cache()`` drops them (call it after
-replacing a model's parameters with new tensors, e.g. ``load_state_dict(..., assign=True)``;
-in-place updates such as an optimiser step are seen by the cached graphs).
+dtype, device, backend) and reused across calls. A cached entry is rebuilt when the model's
+U-Net, schedule or parameter tensors are no longer the ones it was built from (a replaced
+``model.unet``, ``load_state_dict(..., assign=True)``); in-place updates such as an optimiser
+step are seen as they are. ``clear_cache()`` drops everything, e.g. to free graph memory.
 """
 from __future__ import annotations
 
@@ -33,15 +34,47 @@ def clear_cache() -> None:
     torch._dynamo.reset()
 
 
-def enabled(fast: bool | None, device: torch.device) -> bool:
-    """``fast=None`` means on, unless the environment sets BERDIFF_FAST=0."""
+def enabled(fast: bool | None) -> bool:
+    """``fast=None`` means on, unless the environment sets BERDIFF_FAST to 0, false, off or no."""
     if fast is None:
-        return os.environ.get("BERDIFF_FAST", "1") != "0"
+        return os.environ.get("BERDIFF_FAST", "1").strip().lower() not in ("0", "false", "off", "no")
     return bool(fast)
 
 
-def compiled_unet(model, device: torch.device, mode: str | None = None):
-    """``torch.compile(model.unet)``, fullgraph with static shapes, cached per model and mode.
+class CompiledUNet:
+    """``torch.compile(unet)`` (fullgraph, static shapes), with the eager U-Net for the shapes
+    Dynamo refuses.
+
+    Dynamo keeps the compiled versions of a forward on its code object, shared by every model of
+    the class in the process, and with fullgraph=True it fails once more shapes than
+    ``torch._dynamo.config.recompile_limit`` have been compiled: a service sampling ever new
+    batch sizes would crash there. Those shapes run eagerly instead, after one warning.
+    """
+
+    def __init__(self, unet: torch.nn.Module, mode: str | None):
+        self.unet, self.mode = unet, mode
+        self.compiled = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode)
+        self.eager_shapes: set[tuple] = set()
+
+    def __call__(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dev = image.device.type
+        key = (tuple(y_t.shape), tuple(image.shape), image.dtype, torch.is_autocast_enabled(dev),
+               torch.get_autocast_dtype(dev))
+        if key not in self.eager_shapes:
+            try:
+                return self.compiled(y_t, image, t)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                self.eager_shapes.add(key)
+                warnings.warn(f"berdiff_fast: torch.compile reached its recompile limit "
+                              f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}); "
+                              f"U-Net inputs of shape {tuple(image.shape)} run eagerly. Fewer distinct batch "
+                              "sizes (max_batch), a higher limit or berdiff_fast.fast.clear_cache() avoid it.",
+                              stacklevel=2)
+        return self.unet(y_t, image, t)
+
+
+def compiled_unet(model, device: torch.device, mode: str | None = None) -> CompiledUNet:
+    """The model's U-Net compiled (see CompiledUNet), cached per model, U-Net and mode.
 
     The mode defaults to max-autotune-no-cudagraphs on CUDA (its autotuning takes minutes on
     the first call) and to Inductor's default on CPU; $BERDIFF_COMPILE_MODE overrides it.
@@ -49,14 +82,14 @@ def compiled_unet(model, device: torch.device, mode: str | None = None):
     mode = mode or os.environ.get("BERDIFF_COMPILE_MODE") or (COMPILE_MODE_CUDA if device.type == "cuda" else None)
     per_model = _compiled.setdefault(model, {})
     net = per_model.get(mode)
-    if net is None:
+    if net is None or net.unet is not model.unet:
         if mode and "max-autotune" in mode and device.type == "cuda":
             warnings.warn(
                 f"berdiff_fast: the first fast sample() compiles the U-Net with torch.compile mode {mode!r}, "
                 "which tunes its kernels for several minutes (lidc on an H100: Inductor's coordinate-descent "
                 "tuning alone took 158 s); Inductor caches the results for later processes. "
                 "BERDIFF_COMPILE_MODE=default compiles in about 35 s.", stacklevel=3)
-        net = torch.compile(model.unet, fullgraph=True, dynamic=False, mode=mode)
+        net = CompiledUNet(model.unet, mode)
         per_model[mode] = net
         stats["compiles"] += 1
     return net
@@ -71,10 +104,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 class GraphSampler:
     """One chunk of ``n`` rows sampled by replaying captured CUDA graphs (see module docstring)."""
 
-    def __init__(self, net, ops, sched, n: int, image_shape, ts: torch.Tensor, sampler: str, eta: float,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, net: CompiledUNet, ops, sched, n: int, image_shape, ts: torch.Tensor, sampler: str,
+                 eta: float, dtype: torch.dtype, device: torch.device):
         C, H, W = image_shape
         self.net, self.ops, self.sched, self.n = net, ops, sched, n
+        # The graphs read the parameters at their capture-time addresses.
+        self.tensors = [weakref.ref(p) for p in _state(net.unet)]
         self.sampler, self.eta, self.dtype, self.device = sampler, eta, dtype, device
         self.steps = len(ts)
         self.ts = ts.to(device)
@@ -92,6 +127,7 @@ class GraphSampler:
             for _ in range(2):
                 self.step.zero_()
                 self._step()
+                self.step.zero_()  # _last reads ts[step], and a one-step loop has no ts[1]
                 self._last()
         torch.cuda.current_stream(device).wait_stream(side)
         self.g_step, self.g_last = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
@@ -100,6 +136,12 @@ class GraphSampler:
         with torch.cuda.graph(self.g_last):
             self._last()
         stats["graph_captures"] += 1
+
+    def built_for(self, net: CompiledUNet, sched) -> bool:
+        """Whether this graph still computes with ``net`` and ``sched`` and their current tensors."""
+        state = _state(net.unet)
+        return (net is self.net and sched is self.sched and len(state) == len(self.tensors)
+                and all(r() is p for r, p in zip(self.tensors, state)))
 
     def _t(self, table: torch.Tensor) -> torch.Tensor:
         return table.index_select(0, self.step).expand(self.n).contiguous()
@@ -137,11 +179,15 @@ class GraphSampler:
         return self.out.clone()
 
 
+def _state(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
 def graph_sampler(model, net, ops, n, image_shape, ts, sampler, eta, dtype, device, backend_name) -> GraphSampler:
     key = (n, tuple(image_shape), tuple(ts.tolist()), sampler, eta, dtype, str(device), backend_name)
     per_model = _graphs.setdefault(model, {})
     g = per_model.get(key)
-    if g is None:
+    if g is None or not g.built_for(net, model.schedule):
         g = GraphSampler(net, ops, model.schedule, n, image_shape, ts, sampler, eta, dtype, device)
         per_model[key] = g
     return g

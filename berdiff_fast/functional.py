@@ -37,8 +37,15 @@ def _masks(y_t, t, sched, **others):
         check.tensor(name, x)
     check.same_shape(y_t=y_t, **others)
     check.same_device(y_t=y_t, **others)
-    check.binary("y_t", y_t)
+    _mask("y_t", y_t)
+    if "logits" in others:
+        check.dtype("logits.dtype", others["logits"].dtype, check.LOGIT_DTYPES)
     return check.timesteps("t", t, y_t.shape[0], _schedule(sched).T, y_t.device)
+
+
+def _mask(name: str, y: torch.Tensor) -> None:
+    check.dtype(f"{name}.dtype", y.dtype, check.MASK_DTYPES)
+    check.binary(name, y)
 
 
 # --- the mathematics, as probabilities -------------------------------------------------------
@@ -99,7 +106,7 @@ def _jump_target(s, t, sched):
 def q_sample(y0, t, sched: NoiseSchedule, seed, offset=0, *, backend: str | None = None):
     """Algorithm 1: eps ~ B((1 - alpha_bar_t) / 2), y_t = y_0 XOR eps. Returns (y_t, eps) in y0's dtype."""
     check.tensor("y0", y0, min_ndim=1)
-    check.binary("y0", y0)
+    _mask("y0", y0)
     t = check.timesteps("t", t, y0.shape[0], _schedule(sched).T, y0.device)
     y0 = y0.contiguous()
     return backends.resolve(backend, y0.device).q_sample(
@@ -112,6 +119,7 @@ def init_noise(shape, seed, offset=0, *, device="cpu", dtype=torch.float32, back
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ValueError(f"shape: expected non-negative ints, got {shape}")
     device = check.canonical_device(device)
+    check.dtype("dtype", dtype, check.MASK_DTYPES)
     return backends.resolve(backend, device).init_noise(
         shape, check.rng_key("seed", seed, device), check.rng_key("offset", offset, device), device, dtype)
 
@@ -122,6 +130,9 @@ def predict_y0(logits, y_t, *, backend: str | None = None):
     check.tensor("y_t", y_t)
     check.same_shape(logits=logits, y_t=y_t)
     check.same_device(logits=logits, y_t=y_t)
+    check.dtype("logits.dtype", logits.dtype, check.LOGIT_DTYPES)
+    _mask("y_t", y_t)
+    check.finite("logits", logits)
     return backends.resolve(backend, y_t.device).predict_y0(logits.contiguous(), y_t.contiguous())
 
 
@@ -155,6 +166,7 @@ def ddim_step(logits, y_t, t, s, sched: NoiseSchedule, seed, offset, eta: float 
 def loss(logits, y_t, y0, t, sched: NoiseSchedule, *, backend: str | None = None) -> torch.Tensor:
     """The training loss (KL or decoder NLL, plus BCE), per sample (B,), in bits; differentiable in logits."""
     t = _masks(y_t, t, sched, y0=y0, logits=logits)
-    check.binary("y0", y0)
+    _mask("y0", y0)
+    # No finite check here: it would synchronise every training step; NaN logits give a NaN loss.
     return backends.resolve(backend, y_t.device).loss(
         logits.contiguous(), y_t.contiguous(), y0.contiguous(), t, sched)

@@ -123,6 +123,10 @@ def loss_terms(logits, y_t, y0, is_first, a_t, bh_t, ab_prev, flip_prev) -> dict
     -log B(y_0; y0_hat). Returns ``kl``, ``bce`` and ``loss = kl + bce`` (lambda = 1), each (B,),
     the per-pixel terms averaged over all non-batch dimensions and divided by ln 2.
     """
+    first = is_first.view(-1, *([1] * (logits.ndim - 1)))
+    # At t = 1 the KL branch is discarded, but with flip_prev = 0 a saturated logit makes its
+    # gradient 0 * inf = NaN through torch.where; any positive flip keeps it finite.
+    flip_prev = torch.where(first, 0.5, flip_prev)
     eps = (y_t - y0).abs()
     y0_hat, y0_hat_c = predict_y0_from_logits(y_t, logits)
     q0, q1 = posterior_channels(y_t, y0, a_t, bh_t, ab_prev, flip_prev)
@@ -130,7 +134,6 @@ def loss_terms(logits, y_t, y0, is_first, a_t, bh_t, ab_prev, flip_prev) -> dict
     kl = bernoulli_kl(q0 / (q0 + q1), q1 / (q0 + q1), n0 / (n0 + n1), n1 / (n0 + n1))
     bce = bce_with_logits(logits, eps)
     # Decoder NLL at t = 1: -log B(y_0; |y_t - eps_hat|) equals BCE(logits, y_t XOR y_0) exactly.
-    first = is_first.view(-1, *([1] * (logits.ndim - 1)))
     kl = torch.where(first, bce_with_logits(logits, eps), kl)
     kl = kl.reshape(kl.shape[0], -1).mean(1) / LN2
     bce = bce.reshape(bce.shape[0], -1).mean(1) / LN2

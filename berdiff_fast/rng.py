@@ -57,7 +57,8 @@ def philox(seed, counter_lo: torch.Tensor, counter_hi: torch.Tensor) -> torch.Te
 def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's uint32 -> [0, 1) map: reinterpret as int32, fold negatives with ~x, scale."""
     folded = torch.where(x >= 2**31, _M32 - x, x)  # ~x of the int32 view, as a non-negative int
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+    # A Python scalar, not a new device tensor: no host-to-device copy inside a CUDA-graph capture.
+    return folded.to(torch.float32) * UNIFORM_SCALE
 
 
 def uniform(seed, offset, n: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ never changes the result, and every backend gives the same masks for the same se
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ from . import fast as fast_path
 from .model import BerDiff
 
 SAMPLERS = ("ddim", "ddpm")
+DEFAULT_DDIM_STEPS = 50
 
 
 @dataclass
@@ -50,30 +52,43 @@ def _validate(model, x, steps, k, seed, eta, sampler, max_batch):
     if not isinstance(model, BerDiff):
         raise ValueError(f"model: expected a berdiff_fast.BerDiff, got {type(model).__name__}")
     model.check_images(x)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"k: expected a positive int (samples per image), got {k!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: unknown {sampler!r}; expected one of {SAMPLERS}")
     T = model.schedule.T
     if sampler == "ddpm" and steps not in (None, T):
-        raise ValueError(f"steps: the DDPM sampler visits all T = {T} steps; pass steps=None "
+        raise ValueError(f"steps: the DDPM sampler visits all T = {T} steps; leave steps at None (or pass {T}), "
                          f"or use sampler='ddim' for a {steps}-step sub-sequence")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
+    if not _is_int(max_batch) or max_batch < 1:
         raise ValueError(f"max_batch: expected a positive int, got {max_batch!r}")
     return check.eta(eta)
 
 
+def resolve_steps(steps, sampler: str, T: int):
+    """The U-Net evaluations a sampler makes: ``steps``, or for None its default (DDIM: 50, at
+    most T; DDPM: all T)."""
+    if steps is not None:
+        return steps
+    return T if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, T)
+
+
+def _is_int(v) -> bool:
+    """Python and NumPy integers; not bools."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @torch.inference_mode()
-def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16, seed: int | None = None,
+def sample(model: BerDiff, x: torch.Tensor, steps: int | None = None, k: int = 16, seed: int | None = None,
            eta: float = 1.0, sampler: Literal["ddim", "ddpm"] = "ddim", *, spacing: str = "even",
            max_batch: int = 256, backend: str | None = None, fast: bool | None = None,
            graph: bool | None = None, dtype: torch.dtype | None = None, progress: bool = False) -> SampleResult:
     """Draw k masks for each image of x (B, C, H, W) with the reverse Bernoulli process (Algorithm 2).
 
-    steps: U-Net evaluations for DDIM (default 50; ``spacing`` "even" or "original", see
-        NoiseSchedule.timesteps); DDPM always visits all T steps (steps None or T).
+    steps: U-Net evaluations for DDIM (None: 50, or T if T < 50; ``spacing`` "even" or
+        "original", see NoiseSchedule.timesteps); DDPM always visits all T steps (None or T).
     eta: DDIM stochasticity in [0, 1] (1, the default, as the released code).
     seed: Philox seed; None draws one from torch's global RNG (reported in the result).
     max_batch: most U-Net rows per forward pass; B * k rows are processed in chunks of it.
@@ -81,14 +96,22 @@ def sample(model: BerDiff, x: torch.Tensor, steps: int | None = 50, k: int = 16,
     fast: the compiled U-Net (and on CUDA the CUDA-graph loop); None = on unless BERDIFF_FAST=0.
         Compiled modules and graphs are cached (berdiff_fast.fast.clear_cache()).
     graph: replay the sampling step as a CUDA graph (None: whenever ``fast`` runs on CUDA).
-    dtype: U-Net compute dtype on the fast CUDA path: bfloat16 by default there, else float32.
+    dtype: the U-Net's autocast dtype: bfloat16 by default on the fast CUDA path, float32 (no
+        autocast) elsewhere; with bfloat16 the masks differ from float32's where a pixel's
+        probability lies within bf16 rounding of its uniform draw.
     """
     eta = _validate(model, x, steps, k, seed, eta, sampler, max_batch)
     sched, dev = model.schedule, x.device
-    ts = torch.arange(sched.T, 0, -1) if sampler == "ddpm" else sched.timesteps(steps if steps is not None else 50, spacing)
+    if sampler == "ddpm":
+        ts = torch.arange(sched.T, 0, -1)
+    else:
+        steps = resolve_steps(steps, sampler, sched.T)
+        ts = sched.timesteps(int(steps) if _is_int(steps) else steps, spacing)  # NumPy ints too; it checks the rest
+    k = int(k)
+    seed = int(seed) if seed is not None else None
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    use_fast = fast_path.enabled(fast, dev)
+    use_fast = fast_path.enabled(fast)
     if dtype is None:
         dtype = torch.bfloat16 if use_fast and dev.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -118,7 +141,7 @@ def _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype, use_gr
     ``ops`` is a backend module, called without re-validation: the arguments were checked once.
     """
     sched, dev = model.schedule, x.device
-    rows = x.to(torch.float32).repeat_interleave(k, dim=0)
+    rows = x.to(next(model.unet.parameters()).dtype).repeat_interleave(k, dim=0)
     n_rows, (H, W) = rows.shape[0], rows.shape[2:]
     hw, n_total = H * W, rows.shape[0] * H * W
     ts = ts.to(dev)

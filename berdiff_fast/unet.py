@@ -86,9 +86,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    # Statistics in float32 even under bf16 autocast, as ADM does.
+    # Statistics in float32 even under bf16 autocast, as ADM does (float64 models stay float64).
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -197,7 +197,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(_Level(blocks))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), _zero(nn.Conv2d(mc, 1, 3, padding=1)))
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), _zero(nn.Conv2d(ch, 1, 3, padding=1)))
 
     def forward(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """y_t (B,1,H,W), image (B,C,H,W), t (B,) paper time -> logits (B,1,H,W) of eps_hat."""

@@ -29,3 +29,18 @@ def test_saturated_logits_keep_the_small_posterior_channel():
     for name in NAMES:
         got = F.ddpm_step(logits, y_t, t, sched, 11, 7, backend=name) != 0
         assert torch.equal(got[far], want[far]), name
+
+
+def test_loss_gradient_at_t_1_is_finite_for_saturated_logits():
+    # At t = 1 the loss is the decoder NLL; the discarded KL branch has flip_{t-1} = 0, where a
+    # saturated sigmoid once made the reference's gradient 0 * inf = NaN.
+    sched = NoiseSchedule.from_name("linear", 1000)
+    y0, y_t, t = torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.ones(1, dtype=torch.long)
+    grads = {}
+    for name in NAMES:
+        logits = torch.tensor([[-90.0, 110.0]], requires_grad=True)
+        F.loss(logits, y_t, y0, t, sched, backend=name).sum().backward()
+        grads[name] = logits.grad
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        assert torch.allclose(g, grads[NAMES[0]], rtol=1e-6), name

@@ -49,12 +49,50 @@ def test_cpu_fast_path_recompiles_for_new_shapes(cpu_model):
     assert torch.equal(got.masks, ref.masks)
 
 
-def test_environment_switch(monkeypatch):
-    monkeypatch.setenv("BERDIFF_FAST", "0")
-    assert not fast.enabled(None, torch.device("cpu"))
-    assert fast.enabled(True, torch.device("cpu"))
+@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
+def test_environment_switch(monkeypatch, value):
+    monkeypatch.setenv("BERDIFF_FAST", value)
+    assert not fast.enabled(None)
+    assert fast.enabled(True)
+    monkeypatch.setenv("BERDIFF_FAST", "1")
+    assert fast.enabled(None)
     monkeypatch.delenv("BERDIFF_FAST")
-    assert fast.enabled(None, torch.device("cpu"))
+    assert fast.enabled(None) and not fast.enabled(False)
+
+
+def test_cpu_fast_path_follows_a_replaced_unet(cpu_model):
+    model = _model()
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    kw = dict(steps=2, k=2, seed=9, backend="torch")
+    before = bf.sample(model, x, fast=True, **kw)
+    model.unet = _model().unet  # same initialisation, then perturbed differently
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = bf.sample(model, x, fast=True, **kw)
+    want = bf.sample(model, x, fast=False, **kw)
+    assert not torch.equal(want.probs, before.probs)
+    assert torch.allclose(got.probs, want.probs, atol=1e-5) and torch.equal(got.masks, want.masks)
+    fast._compiled.pop(model)
+
+
+def test_recompile_limit_falls_back_to_eager(monkeypatch):
+    # Dynamo keeps one compiled U-Net per shape on the forward's code object; past its limit a
+    # fullgraph compile fails hard. Sampling must go on (eagerly) with a warning instead.
+    fast.clear_cache()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = _model()
+    kw = dict(steps=2, k=1, seed=4, backend="torch")
+    bf.sample(model, torch.randn(1, 1, 16, 16), fast=True, **kw)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    with pytest.warns(UserWarning, match="recompile limit"):
+        got = bf.sample(model, x, fast=True, **kw)
+    want = bf.sample(model, x, fast=False, **kw)
+    assert torch.equal(got.probs, want.probs)  # the eager U-Net: the very same computation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shape is remembered: no second warning
+        bf.sample(model, x, fast=True, **kw)
+    fast.clear_cache()
 
 
 def test_compile_mode_choice_and_the_tuning_warning(monkeypatch):
@@ -101,6 +139,20 @@ def test_cuda_graph_path_gives_the_reference_masks_in_fp32(no_tf32):
     assert fast.stats["graph_captures"] == captures and torch.equal(again.probs, got.probs)
     other = bf.sample(m, x, steps=5, k=4, seed=4, fast=True, dtype=torch.float32)
     assert not torch.equal(other.probs, got.probs)  # the seed lives on the device: replays see it
+
+
+@requires_cuda
+def test_cuda_graph_path_with_one_step_and_after_a_schedule_change(no_tf32):
+    m = _model("cuda")
+    x = torch.randn(1, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kw = dict(k=2, seed=5, dtype=torch.float32)
+    one = bf.sample(m, x, steps=1, fast=True, **kw)  # the warm-up must not read a second timestep
+    assert (one.masks != bf.sample(m, x, steps=1, fast=False, **kw).masks).float().mean() < 1e-3
+    bf.sample(m, x, steps=3, fast=True, **kw)
+    m.schedule = bf.NoiseSchedule.from_name("cosine", m.schedule.T)  # same timesteps, other tables
+    got = bf.sample(m, x, steps=3, fast=True, **kw)
+    want = bf.sample(m, x, steps=3, fast=False, **kw)
+    assert (got.masks != want.masks).float().mean() < 1e-3
 
 
 @requires_cuda

@@ -41,6 +41,13 @@ def test_rng_stream_is_consistent_under_offsets():
     (lambda: F.loss(Y, Y, Y * 0.5, T, S), "y0: expected a binary mask"),
     (lambda: F.predict_y0(Y, Y[0]), "shapes must match"),
     (lambda: F.theta_post(Y, Y.to("meta"), T, S), "different devices"),
+    (lambda: F.predict_y0(Y, Y * 0.3), "y_t: expected a binary mask"),
+    (lambda: F.predict_y0(Y.long(), Y), "logits.dtype: expected one of"),
+    (lambda: F.predict_y0(Y * float("inf"), Y), "logits: contains NaN or inf"),
+    (lambda: F.ddim_step(Y.long(), Y, T, T - 1, S, 0, 0), "logits.dtype: expected one of"),
+    (lambda: F.q_sample(Y.long(), T, S, seed=0), "y0.dtype: expected one of"),
+    (lambda: F.init_noise((2, 2), 0, dtype=torch.int64), "dtype: expected one of"),
+    (lambda: F.init_noise((2, 2), 0, dtype=torch.complex64), "dtype: expected one of"),
 ])
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):

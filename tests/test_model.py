@@ -119,3 +119,9 @@ def test_tiny_model_loss_falls_over_a_short_training_run():
     after = _held_out_loss(m, x, y0)
     assert hist["steps"] == 40 and len(hist["loss"]) == 40
     assert after < before - 0.05, (before, after)
+
+
+def test_a_first_level_wider_than_model_channels_builds_and_runs():
+    m = BerDiff.from_preset("tiny", channel_mult=(2, 2), attention_ds=())
+    out = m.unet(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32), torch.tensor([3]))
+    assert out.shape == (1, 1, 32, 32)

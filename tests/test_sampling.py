@@ -111,8 +111,21 @@ def test_ddpm_visits_all_steps():
     finally:
         hook.remove()
     assert calls == list(range(25, 0, -1)) and out.masks.shape == (2, 3, 16, 16)
+    assert torch.equal(sample(m, x, k=3, seed=0, sampler="ddpm").probs, out.probs)  # the default steps
     with pytest.raises(ValueError, match="steps: the DDPM sampler visits all T = 25 steps"):
         sample(m, x, steps=5, sampler="ddpm")
+    # DDIM's default, 50 steps, cannot exceed T.
+    assert sample(m, x, k=1, seed=0).timesteps.tolist() == list(range(25, 0, -1))
+
+
+def test_numpy_integers_and_float64_models(model, images):
+    import numpy as np
+    got = sample(model, images, steps=np.int64(3), k=np.int32(2), seed=np.uint16(7), max_batch=np.int64(64))
+    want = sample(model, images, steps=3, k=2, seed=7)
+    assert got.seed == 7 and isinstance(got.seed, int) and torch.equal(got.probs, want.probs)
+    m64 = _model().double()
+    out = sample(m64, images, steps=2, k=2, seed=1, fast=False)  # images are cast to the model's dtype
+    assert out.masks.shape == (images.shape[0], 2, 16, 16)
 
 
 def test_original_spacing(model, images):
@@ -129,6 +142,8 @@ def test_original_spacing(model, images):
     (dict(sampler="plms"), "sampler: unknown 'plms'"),
     (dict(seed=-3), "seed"),
     (dict(max_batch=0), "max_batch"),
+    (dict(max_batch=True), "max_batch"),
+    (dict(steps=2.5), "steps: expected an int"),
     (dict(spacing="log"), "spacing: unknown"),
 ])
 def test_bad_arguments(model, images, kwargs, match):
