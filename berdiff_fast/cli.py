@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,10 @@ DEFAULT_LR = {"lidc": 5e-5, "brats": 1e-4, "synthetic": 5e-4}
 DEFAULT_PRESET = {"lidc": "lidc", "brats": "brats", "synthetic": "tiny"}
 DATASETS = ("auto", "lidc", "brats")
 BENCHMARKS = ("latency", "train_step", "kernels")
+# The data seed of the synthetic test set of `evaluate --synthetic`, whatever its sampling --seed
+# (the demo's held-out seed at its default --seed 0); `train --synthetic` refuses it as a seed,
+# so no run can train on these images.
+SYNTHETIC_TEST_SEED = 10_000
 
 
 # --------------------------------------------------------------------------- argument types
@@ -81,9 +84,7 @@ def _open_dataset(path: str, kind: str, split: str, mode: str, seed: int, crop: 
     from .data import LIDC, BraTS
 
     p = Path(path)
-    kind = _detect_dataset(p) if kind == "auto" else kind
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory (the data set path)")
+    kind = _detect_dataset(p) if kind == "auto" else kind  # LIDC and BraTS check that p exists
     if kind == "lidc":
         return "lidc", LIDC(p, split=split, mode=mode, crop=crop if crop is not None else 128, seed=seed)
     return "brats", BraTS(p, split=split, mode=mode, crop=crop if crop is not None else 224, seed=seed)
@@ -132,6 +133,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is None and args.minutes is None:
         raise ValueError("--steps/--minutes: give a step budget (--steps N), a time budget (--minutes M), or both")
     if args.synthetic:
+        if args.seed == SYNTHETIC_TEST_SEED:
+            raise ValueError(f"--seed: {SYNTHETIC_TEST_SEED} is the data seed of the synthetic test set that "
+                             f"`evaluate --synthetic` scores; train --synthetic with another --seed")
         kind = "synthetic"
     else:
         kind = _detect_dataset(Path(args.data)) if args.dataset == "auto" else args.dataset
@@ -213,9 +217,6 @@ def _overlay(path: Path, image, saliency, uncertainty, masks) -> None:
     plt.close(fig)
 
 
-_SLICE = re.compile(r"^(?P<group>.+)_z(?P<z>\d{3,})$")
-
-
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -224,7 +225,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .data import load_inputs
     from .data._common import mix_seed
     from .evaluate import predict_sets
-    from .sampling import binary_entropy_bits
+    from .model import BerDiff
+    from .sampling import binary_entropy_bits, resolve_steps
     from .trainer import load_model
 
     device = _device(args.device)
@@ -234,19 +236,18 @@ def _sample(args: argparse.Namespace) -> int:
     inputs = Path(args.inputs)
     if not inputs.exists():
         raise FileNotFoundError(f"{inputs}: no such file or directory (the inputs to segment)")
-    items = list(load_inputs(inputs, model.image_channels, crop=args.crop))
-    if not items:
+    loaded = list(load_inputs(inputs, model.image_channels, crop=args.crop, geometry=True))
+    if not loaded:
         raise ValueError(f"{inputs}: no images found")
+    items = [(name, img) for name, img, _ in loaded]
     s = model.image_size
     for name, img in items:
         if tuple(img.shape[1:]) != (s, s):
             raise ValueError(f"{inputs}: image {name!r} is {img.shape[1]}x{img.shape[2]}, but the model takes {s}x{s}"
                              + (f"; pass --crop {s} to centre-crop it" if min(img.shape[1:]) > s else ""))
     fmt = args.format
-    # NIfTI volumes (and BRATS case folders) give slices named <volume>_z<zzz>.
-    nifti_input = inputs.name.endswith((".nii", ".nii.gz")) or any(_SLICE.match(n) for n, _ in items)
     if fmt == "auto":
-        fmt = "both" if nifti_input else "png"
+        fmt = "both" if any(geo is not None for _, _, geo in loaded) else "png"
     want_png, want_nifti = fmt in ("png", "both"), fmt in ("nifti", "both")
     if want_nifti:
         try:
@@ -257,10 +258,13 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
+    # One NIfTI output per input volume (its slices, in z order); a PNG input is a volume of one slice.
     groups: dict[str, list[int]] = {}
-    for i, (name, _) in enumerate(items):
-        m = _SLICE.match(name)
-        groups.setdefault(m.group("group") if m else name, []).append(i)
+    geometry: dict[str, object] = {}
+    for i, (name, _, geo) in enumerate(loaded):
+        group = geo.name if geo is not None else name
+        groups.setdefault(group, []).append(i)
+        geometry[group] = geo
     targets = [out / "summary.json"]
     if want_png:
         targets += [out / name for name, _ in items]
@@ -304,15 +308,21 @@ def _sample(args: argparse.Namespace) -> int:
                    "uncertainty": uncertainty[idx].permute(1, 2, 0).numpy().astype(np.float32)}
             for what, arr in vol.items():
                 path = out / f"{g}_{what}.nii.gz"
-                nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+                # On the input volume's grid (crop undone, its affine); a PNG has no geometry.
+                geo = geometry[g]
+                nib.save(geo.to_nifti(arr) if geo is not None else nib.Nifti1Image(arr, np.eye(4)), str(path))
                 written.append(str(path))
     summary = {"checkpoint": str(Path(args.checkpoint).resolve()), "inputs": str(inputs.resolve()),
-               "images": [n for n, _ in items], "k": k, "steps": args.steps, "sampler": args.sampler,
+               "images": [n for n, _ in items], "k": k,
+               "steps": resolve_steps(args.steps, args.sampler, model.schedule.T) if isinstance(model, BerDiff) else None,
+               "sampler": args.sampler,
                "eta": args.eta, "seed": args.seed, "batch": args.batch, "model": model.config,
                "png": "mask_XX.png 0/255; prob_XX.png, saliency.png, uncertainty.png 16-bit, value / 65535 "
                       "(uncertainty in bits)" if want_png else None,
-               "nifti": "<volume>_masks/_probs (H, W, D, k), _saliency/_uncertainty (H, W, D), identity affine"
+               "nifti": "<volume>_masks/_probs (H, W, D, k), _saliency/_uncertainty (H, W, D) on the input volume's "
+                        "grid: its affine, and its full H x W with 0 outside a --crop (a PNG input: identity affine)"
                if want_nifti else None,
+               "crop": args.crop,
                "outputs": written}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"sampled {len(items)} image(s) x {k} mask(s); wrote {out}")
@@ -335,7 +345,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = load_model(args.checkpoint, preset=args.preset, weights=args.weights, map_location=device)
     if args.synthetic:
-        dataset = _synthetic(args.synthetic_size, model.image_size, args.seed + 10_000)
+        dataset = _synthetic(args.synthetic_size, model.image_size, SYNTHETIC_TEST_SEED)
     else:
         _, dataset = _open_dataset(args.data, args.dataset, args.split, "eval", args.seed, args.crop)
     result = evaluate(model, dataset, protocol=args.protocol, k=args.k, steps=args.steps, seed=args.seed,
@@ -347,10 +357,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    shown = "   ".join(f"{k} = {v:.4f}" for k, v in result["metrics"].items())
+    shown = "   ".join(f"{k} = {v:.4f}" if v is not None else f"{k} = n/a" for k, v in result["metrics"].items())
     print(f"{result['protocol']} protocol, {result['n_images']} images: {shown}")
     if result["protocol"] == "lidc":
         print("(GED is the squared form D^2_GED, as the paper reports it)")
+    else:
+        n_empty = result["n_empty_target"]
+        print(f"(Dice, Dice1: all {result['n_images']} slices, the {n_empty} tumour-free ones scoring 100 when "
+              f"nothing is predicted there; Dice_nonempty, Dice1_nonempty: the {result['n_images'] - n_empty} "
+              f"slices with tumour only)")
     print(f"wrote {out}")
     return 0
 
@@ -392,10 +407,10 @@ def _bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- the parser
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, default_steps: int = 50) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_positive_int, default=16, help="samples per image (default: 16)")
-    p.add_argument("--steps", type=_positive_int, default=default_steps,
-                   help=f"DDIM steps (default: {default_steps}; with --sampler ddpm leave it at T)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="DDIM steps (default: 50, or T if smaller); --sampler ddpm always takes all T steps")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default: ddim)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity in [0, 1] (default: 1)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default: 0)")
@@ -405,7 +420,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_steps: int = 50) -> N
     p.add_argument("--preset", choices=("lidc", "brats", "tiny"),
                    help="require the checkpoint to be of this preset (error otherwise)")
     p.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
-                   help="for a training checkpoint: EMA or raw weights (default: auto = EMA when stored)")
+                   help="for a training checkpoint: EMA or raw weights (default: auto = EMA when stored; "
+                        "a model.safetensors holds one set and takes auto only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--backend", choices=("torch", "triton", "cpu", "cuda"),
                    help="backend of the fused Bernoulli ops (default: automatic)")
@@ -450,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=_positive_float, help="wall-clock budget of this run")
     t.add_argument("--ckpt-every", type=_positive_int, default=1000, help="checkpoint every N steps")
     t.add_argument("--log-every", type=_positive_int, default=10, help="log to CSV/TensorBoard every N steps")
-    t.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the data order, t and noise")
+    t.add_argument("--seed", type=_nonneg_int, default=0,
+                   help=f"seed of the data order, t and noise, and of the --synthetic images "
+                        f"({SYNTHETIC_TEST_SEED} is refused with --synthetic: it makes the synthetic test set)")
     t.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (CUDA only)")
     t.add_argument("--backend", choices=("torch", "triton", "cpu", "cuda"),
                    help="backend of the fused noising and loss ops (default: automatic)")
@@ -487,10 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a checkpoint on a data split. LIDC protocol: GED with 16, 8, 4, 1 "
                                    "samples (squared form D^2_GED, as the paper reports it), HM-IoU16, Soft-Dice16, "
                                    "CIMD S_c/D_max/D_a/CI, saliency calibration. BRATS: Dice (%%) of the majority "
-                                   "vote. The data split is recorded in the JSON.")
+                                   "vote and of one sample, over all slices (a tumour-free slice predicted empty "
+                                   "scores 100) and over the slices with tumour only (_nonempty). The data split "
+                                   "is recorded in the JSON.")
     e.add_argument("checkpoint", help="model.safetensors or a training checkpoint.safetensors")
     e.add_argument("data", nargs="?", help="data set path (LIDC or BRATS; detected)")
-    e.add_argument("--synthetic", action="store_true", help="evaluate on fresh synthetic lesions instead")
+    e.add_argument("--synthetic", action="store_true",
+                   help=f"evaluate on the synthetic test set instead (data seed {SYNTHETIC_TEST_SEED}, whatever "
+                        f"--seed; train --synthetic never trains on it)")
     e.add_argument("--synthetic-size", type=_positive_int, default=64, help="synthetic test images (default: 64)")
     e.add_argument("--dataset", choices=DATASETS, default="auto", help="data set kind (default: auto)")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default: test)")

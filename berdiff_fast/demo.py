@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .baseline import DeterministicUNet
-from .evaluate import GED_FORM, calibration, set_metrics
+from .evaluate import GED_FORM, calibration, predict_sets, set_metrics
 from .model import BerDiff
 from .sampling import sample
 from .synthetic import SyntheticLesions
@@ -62,9 +62,8 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 7.0, train_size: int
     t0 = time.perf_counter()
     res = sample(model, test_set.images, steps=steps, k=k, seed=seed, progress=progress)
     sample_s = time.perf_counter() - t0
-    base_prob = base.predict_proba(test_set.images)
-    base_masks = (base_prob > 0.5)[:, None].expand(-1, k, -1, -1)
-    base_probs = base_prob[:, None].expand(-1, k, -1, -1)
+    base_masks, base_probs = predict_sets(base, test_set.images, k=k)  # its one mask, repeated k times
+    base_prob = base_probs[:, 0]
 
     ann = test_set.annotations
     freq = ann.float().mean(1)

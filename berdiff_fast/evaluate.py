@@ -6,7 +6,15 @@ and CI with all 16. **GED{n} is the squared form**: D^2_GED = 2E[d(S,Y)] - E[d(S
 E[d(Y,Y')] (``metrics.ged(..., squared=True)``), the quantity the paper (GED16 = 0.238) and the
 published LIDC tables report under the name "GED".
 BRATS: Dice of the majority vote of the k samples (saliency > 0.5) against the whole-tumour
-mask, and Dice of a single sample ("Dice1"), in percent as the paper reports 89.7.
+mask, and Dice of a single sample ("Dice1"), in percent as the paper reports 89.7, each averaged
+two ways. ``Dice`` / ``Dice1``: over every slice, a tumour-free slice scoring 100 when nothing is
+predicted on it (Dice(empty, empty) = 1), so a model that never predicts tumour still scores
+high on a set with many tumour-free slices. ``Dice_nonempty`` / ``Dice1_nonempty``: over the
+slices whose target holds tumour only; ``n_empty_target`` counts the others. The paper does not
+say which it reports; its 3,991 test images from 125 patients are fewer than the 125 x 49 slices
+its slice range keeps (its 55,174 training images are exactly 1,126 x 49), which suggests - an
+inference, not a statement of the paper - that it dropped the tumour-free test slices, as
+``Dice_nonempty`` does.
 
 The deterministic baseline gives one mask per image; it stands for all k samples (repeated),
 so its GED is the same for every n, and its "probability maps" are its sigmoid outputs.
@@ -22,15 +30,21 @@ from . import __version__, metrics
 from .baseline import DeterministicUNet
 from .data._common import mix_seed
 from .model import BerDiff
-from .sampling import sample
+from .sampling import resolve_steps, sample
 
 GED_FORM = ("squared: GED{n} = D^2_GED = 2E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')], d = 1 - IoU "
             "(metrics.ged(..., squared=True)), the quantity the paper and published LIDC tables call GED")
 GED_COUNTS = (16, 8, 4, 1)
 PROTOCOLS = ("auto", "lidc", "brats")
+DICE_FORM = ("percent; Dice = majority vote of the k samples, Dice1 = the first sample. Dice, Dice1: mean over all "
+             "slices, a slice with an empty target and an empty prediction scoring 100 (Dice(empty, empty) = 1). "
+             "Dice_nonempty, Dice1_nonempty: mean over the slices with a non-empty target only (n_images - "
+             "n_empty_target of them; null when there are none). The paper's 3,991 test images from 125 patients, "
+             "fewer than 125 x 49, suggest (an inference) that it dropped tumour-free slices: compare with "
+             "Dice_nonempty")
 
 
-def predict_sets(model, images: torch.Tensor, *, k: int = 16, steps: int | None = 50, seed: int = 0,
+def predict_sets(model, images: torch.Tensor, *, k: int = 16, steps: int | None = None, seed: int = 0,
                  eta: float = 1.0, sampler: str = "ddim", max_batch: int = 256, backend: str | None = None,
                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(masks (B,k,H,W) bool, probs (B,k,H,W) float32) for images (B,C,H,W) on the model's device."""
@@ -114,7 +128,7 @@ def _protocol(dataset, protocol: str) -> str:
     return "brats" if str(info.get("dataset", "")).upper().startswith("BRATS") else "lidc"
 
 
-def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int | None = 50, seed: int = 0,
+def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int | None = None, seed: int = 0,
              eta: float = 1.0, sampler: str = "ddim", batch: int = 8, limit: int | None = None,
              max_batch: int = 256, backend: str | None = None, per_image: bool = False,
              progress: bool = True) -> dict:
@@ -133,7 +147,7 @@ def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int 
     proto = _protocol(dataset, protocol)
     per: dict[str, list[torch.Tensor]] = {}
     names: list[str] = []
-    calib_pred, calib_freq = [], []
+    calib_pred, calib_freq, empty_target = [], [], []
     t0 = time.perf_counter()
     bar = None
     if progress:
@@ -151,6 +165,7 @@ def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int 
             per.setdefault(key, []).append(v.cpu())
         calib_pred.append(masks.float().mean(1) if isinstance(model, BerDiff) else probs[:, 0])
         calib_freq.append(ann.float().mean(1))
+        empty_target.append(~ann.flatten(1).any(1))
         if bar is not None:
             bar.update(len(items))
     if bar is not None:
@@ -162,7 +177,8 @@ def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int 
         "std": {key: v.std().item() if len(v) > 1 else 0.0 for key, v in per_t.items()},
         "n_images": n,
         "k": k,
-        "sampler": {"name": sampler, "steps": steps, "eta": eta, "seed": seed, "batch": batch}
+        "sampler": {"name": sampler, "steps": resolve_steps(steps, sampler, model.schedule.T), "eta": eta,
+                    "seed": seed, "batch": batch}
         if isinstance(model, BerDiff) else "deterministic (one mask per image, repeated k times)",
         "model": model.config,
         "split_info": getattr(dataset, "split_info", {}) or {},
@@ -175,8 +191,17 @@ def evaluate(model, dataset, *, protocol: str = "auto", k: int = 16, steps: int 
         result["calibration"]["of"] = ("saliency (mean of the k sample masks)" if isinstance(model, BerDiff)
                                        else "sigmoid probability map") + " vs the annotators' per-pixel frequency"
     else:
-        result["dice_form"] = "percent; Dice = majority vote of the k samples, Dice1 = the first sample"
+        empty = torch.cat(empty_target)
+        for key in ("Dice", "Dice1"):
+            v = per_t[key][~empty]
+            result["metrics"][f"{key}_nonempty"] = v.mean().item() if len(v) else None
+            result["std"][f"{key}_nonempty"] = v.std().item() if len(v) > 1 else 0.0
+        result["n_empty_target"] = int(empty.sum())
+        result["dice_form"] = DICE_FORM
     if per_image:
         result["per_image"] = [{"name": nm, **{key: v[i].item() for key, v in per_t.items()}}
                                for i, nm in enumerate(names)]
+        if proto == "brats":
+            for entry, e in zip(result["per_image"], empty.tolist()):
+                entry["target_empty"] = e
     return result

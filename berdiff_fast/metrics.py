@@ -116,7 +116,10 @@ def _pair_counts(a: torch.Tensor, b: torch.Tensor):
     Returns (area_a (B, N, 1), area_b (B, 1, M), inter (B, N, M)).
     """
     fa, fb = _flat(a), _flat(b)
-    inter = torch.bmm(fa, fb.transpose(1, 2)).double()
+    # Autocast would run the bmm in bf16/fp16, whose 8/11-bit mantissa rounds counts above
+    # 256/2048: metrics must not change when called inside a mixed-precision region.
+    with torch.autocast(fa.device.type, enabled=False):
+        inter = torch.bmm(fa, fb.transpose(1, 2)).double()
     return fa.sum(-1, dtype=torch.float64)[:, :, None], fb.sum(-1, dtype=torch.float64)[:, None, :], inter
 
 

@@ -24,9 +24,11 @@ Files in ``out`` (rank 0 writes them):
 
     checkpoint.safetensors  the training state: ``model.*`` weights, ``ema.*`` EMA weights,
                             ``optim.*`` AdamW moments, ``rng.*`` RNG states; step, data order,
-                            configs as JSON metadata. Written to a temporary file, fsynced, then
-                            renamed over the previous one (os.replace), every ``ckpt_every`` steps
-                            and at the end. Never unpickled: safetensors holds tensors only.
+                            configs and the data set trained on (the first run's ``split_info``
+                            and its ``data_identity``, checked on resume) as JSON metadata.
+                            Written to a temporary file, fsynced, then renamed over the previous
+                            one (os.replace), every ``ckpt_every`` steps and at the end. Never
+                            unpickled: safetensors holds tensors only.
     model.safetensors       the weights for inference (the EMA weights when EMA is on), loadable
                             with ``BerDiff.load`` / ``DeterministicUNet.load`` / :func:`load_model`.
     metrics.csv             step, epoch, loss, grad_norm, lr, ema_decay, steps_per_s, elapsed_s.
@@ -35,6 +37,7 @@ Files in ``out`` (rank 0 writes them):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -64,6 +67,9 @@ TENSORBOARD_MODES = ("auto", "on", "off")
 CSV_FIELDS = ("step", "epoch", "loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "elapsed_s")
 # Fields that fix the data order and the per-step randomness: a resume must keep them.
 _ORDER_FIELDS = ("seed", "batch_size")
+# split_info fields that say where the data lie, not which data they are: a data set moved to
+# another disk (a cluster's scratch folder) is still the same data set.
+_LOCATION_FIELDS = ("path",)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -278,7 +284,8 @@ def load_model(path, *, preset: str | None = None, weights: str = "auto",
     """Load a model from ``model.safetensors`` (BerDiff or baseline) or a training ``checkpoint.safetensors``.
 
     weights: for a training checkpoint, "ema" (the EMA weights), "raw" (the optimised weights)
-    or "auto" (EMA when stored). preset: when given, a checkpoint of another preset is an error.
+    or "auto" (EMA when stored). A weights file holds a single set, loaded with "auto"; "ema" or
+    "raw" on it is a ValueError. preset: when given, a checkpoint of another preset is an error.
     """
     if weights not in ("auto", "ema", "raw"):
         raise ValueError(f"weights: unknown {weights!r}; expected 'auto', 'ema' or 'raw'")
@@ -286,7 +293,14 @@ def load_model(path, *, preset: str | None = None, weights: str = "auto",
     if preset is not None and config.get("preset") != preset:
         raise ValueError(f"{path}: a checkpoint of preset {config.get('preset')!r}, but preset {preset!r} was "
                          f"requested; pass the matching --preset or another checkpoint")
-    if any(k.startswith("model.") for k in state) and not any(k.startswith("unet.") for k in state):
+    training_checkpoint = any(k.startswith("model.") for k in state) and not any(k.startswith("unet.") for k in state)
+    if weights != "auto" and not training_checkpoint:
+        # A weights file holds one set (the EMA weights when training used EMA) and does not say
+        # which: returning it for "raw" or "ema" could hand back the other set silently.
+        raise ValueError(f"weights: {weights!r} chooses between the raw and EMA weights of a training checkpoint, "
+                         f"but {path} is a weights file holding one set (EMA when the run used EMA); pass "
+                         f"weights='auto' (--weights auto), or the run's {CHECKPOINT}")
+    if training_checkpoint:
         has_ema = any(k.startswith("ema.") for k in state)
         if weights == "ema" and not has_ema:
             raise ValueError(f"{path}: this training checkpoint holds no EMA weights (trained without EMA); "
@@ -302,6 +316,19 @@ def load_model(path, *, preset: str | None = None, weights: str = "auto",
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the config stored with them: {e}") from e
     return model.to(map_location).eval()
+
+
+def data_identity(split_info: dict) -> str:
+    """sha256 (hex) of a data set's ``split_info`` without its location fields (``path``): equal
+    for the same data set and split, wherever it is stored. A data set without split_info has
+    the identity of ``{}`` and cannot be told from another one."""
+    kept = {k: v for k, v in (split_info or {}).items() if k not in _LOCATION_FIELDS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _describe_data(info: dict) -> str:
+    shown = [f"{k}={info[k]!r}" for k in ("dataset", "split", "n_images", "seed", "path") if k in info]
+    return ", ".join(shown) if shown else "a data set without split_info"
 
 
 def checkpoint_info(path) -> dict:
@@ -338,7 +365,8 @@ class Trainer:
         dataset: the training data set.
         config: a :class:`TrainConfig`.
         out: output folder for checkpoints and logs; None trains in memory only.
-        resume: continue from ``out/checkpoint.safetensors`` (required to exist).
+        resume: continue from ``out/checkpoint.safetensors`` (required to exist) with the same
+            model options, seed, batch size and data set (``split_info`` equal but for its path).
         overwrite: replace the files of an earlier run in ``out`` instead of refusing.
         progress: a tqdm bar on rank 0.
         device: None picks cuda:LOCAL_RANK when CUDA is available, else cpu.
@@ -374,6 +402,8 @@ class Trainer:
         model.to(self.device)
 
         self.dataset = self._prepare_dataset(dataset)
+        # The data set the run trains on, kept from its first run through every resume.
+        self.split_info = dict(getattr(self.dataset, "split_info", {}) or {})
         self.order = DataOrder(len(self.dataset), self.cfg.batch_size, self.world, self.rank, self.cfg.seed)
 
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
@@ -523,7 +553,8 @@ class Trainer:
             "optimizer": {"param_groups": opt["param_groups"],
                           "scalars": {str(i): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
                                       for i, st in opt["state"].items()}},
-            "split_info": getattr(self.dataset, "split_info", {}) or {},
+            "split_info": self.split_info,
+            "data_sha256": data_identity(self.split_info),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -566,6 +597,7 @@ class Trainer:
                 raise ValueError(f"{path}: the run was trained with {name}={stored.get(name)!r}, now "
                                  f"{getattr(self.cfg, name)!r}; the data order would not continue. Resume with "
                                  f"--{name.replace('_', '-')} {stored.get(name)}")
+        self._check_same_data(path, meta)
         if meta["dataset_len"] != self.order.n:
             raise ValueError(f"{path}: the run was trained on {meta['dataset_len']} images, the data set now holds "
                              f"{self.order.n}; the data order would not continue")
@@ -599,6 +631,21 @@ class Trainer:
         self.elapsed = float(meta.get("elapsed_s", 0.0))
         self.last_loss = meta.get("last_loss")
         self._info(f"resumed from {path} at step {self.step}")
+
+    def _check_same_data(self, path: Path, meta: dict) -> None:
+        """Refuse to resume on another data set or split than the run's (its ``data_sha256``)."""
+        stored, now = meta.get("split_info") or {}, self.split_info
+        if "data_sha256" not in meta:
+            self._info(f"warning: {path} was written before checkpoints recorded their data set, so resuming "
+                       f"cannot check that this is the data the run was trained on ({_describe_data(now)}); "
+                       f"it is recorded from now on")
+            return
+        if meta["data_sha256"] != data_identity(now):
+            diff = sorted(k for k in (set(stored) | set(now)) - set(_LOCATION_FIELDS) if stored.get(k) != now.get(k))
+            raise ValueError(f"{path}: the run was trained on {_describe_data(stored)}, but the data set now is "
+                             f"{_describe_data(now)} (they differ in {', '.join(diff) or 'split_info'}); resume with "
+                             f"the data set and split the run was trained on, or start a new run in another --out")
+        self.split_info = stored  # the first run's record, its path included
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ def test_train_and_evaluate_on_brats(tmp_path):
     assert main(["evaluate", str(out / "model.safetensors"), str(root), "--crop", "16", "--k", "3", "--steps", "2",
                  "--no-progress", "--out", str(res)]) == 0
     r = json.loads(res.read_text())
-    assert r["protocol"] == "brats" and set(r["metrics"]) == {"Dice", "Dice1"} and r["n_images"] == 2
+    assert r["protocol"] == "brats" and r["n_images"] == 2
+    assert set(r["metrics"]) == {"Dice", "Dice1", "Dice_nonempty", "Dice1_nonempty"}
     assert 0 <= r["metrics"]["Dice"] <= 100 and r["split_info"]["dataset"] == "BRATS2021"
 
 
@@ -173,6 +174,38 @@ def test_sample_nifti_volume_gives_volumes(trained, tmp_path):
     assert (out / "scan_z000" / "mask_00.png").is_file()  # auto format: PNG as well
 
 
+def test_sample_nifti_outputs_overlay_the_input(trained, tmp_path):
+    # A scan with a non-identity affine (swapped and flipped axes, anisotropic voxels, an origin),
+    # cropped to the model's 16 x 16: the outputs must lie on the input's grid, as a viewer shows it.
+    h, w, d, k = 21, 19, 2, 2
+    affine = np.array([[0.0, -0.8, 0.0, 100.0], [-0.9, 0.0, 0.0, 120.0], [0.0, 0.0, 2.5, -60.0], [0, 0, 0, 1]])
+    vol = np.random.default_rng(2).normal(size=(h, w, d)).astype(np.float32) + 5
+    src = nib.Nifti1Image(vol, affine)
+    src.set_qform(affine, 1)
+    nib.save(src, str(tmp_path / "scan.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["sample", str(trained / "model.safetensors"), str(tmp_path / "scan.nii.gz"), "--crop", "16",
+                 "--out", str(out), "--k", str(k), "--steps", "2", "--no-progress", "--no-figure"]) == 0
+    orig = nib.load(str(tmp_path / "scan.nii.gz"))
+    top, left = (h - 16) // 2, (w - 16) // 2
+    for what, shape in (("masks", (h, w, d, k)), ("probs", (h, w, d, k)), ("saliency", (h, w, d))):
+        img = nib.load(str(out / f"scan_{what}.nii.gz"))
+        assert img.shape == shape, what
+        np.testing.assert_array_equal(img.affine, orig.affine)
+        assert img.header.get_zooms()[:3] == orig.header.get_zooms()
+    masks = np.asanyarray(nib.load(str(out / "scan_masks.nii.gz")).dataobj)
+    inside = np.zeros((h, w), bool)
+    inside[top:top + 16, left:left + 16] = True
+    assert not masks[~inside].any()  # nothing outside the crop
+    for z in range(d):  # the PNG outputs (crop coordinates) sit at the crop's offset in the volume
+        for j in range(k):
+            png = np.asarray(Image.open(out / f"scan_z{z:03d}" / f"mask_{j:02d}.png")) // 255
+            np.testing.assert_array_equal(masks[top:top + 16, left:left + 16, z, j], png)
+    assert masks.any()  # the check above compared something
+    summary = json.loads((out / "summary.json").read_text())
+    assert "input volume's grid" in summary["nifti"] and summary["crop"] == 16
+
+
 def test_sample_bad_inputs_name_the_problem(trained, tmp_path, capsys):
     _png(tmp_path / "big.png", np.zeros((32, 32), np.uint8))
     ckpt = str(trained / "model.safetensors")
@@ -210,6 +243,28 @@ def test_evaluate_synthetic_protocol_json(trained, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["evaluate", str(trained / "model.safetensors"), "--out", str(tmp_path / "x.json")]) == 2
     assert "give a data set path or --synthetic" in capsys.readouterr().err
+
+
+def test_evaluate_synthetic_test_set_does_not_follow_the_sampling_seed(trained, tmp_path, capsys):
+    # The sampling --seed must not pick the test images: `train --synthetic --seed 10000` used to
+    # train on the very images `evaluate --synthetic --seed 0` scored.
+    infos = []
+    for seed in ("0", "7"):
+        out = tmp_path / f"res{seed}.json"
+        assert main(["evaluate", str(trained / "model.safetensors"), "--synthetic", "--synthetic-size", "1", "--k", "1",
+                     "--steps", "1", "--seed", seed, "--no-progress", "--out", str(out)]) == 0
+        infos.append(json.loads(out.read_text())["split_info"])
+    assert infos[0] == infos[1] and infos[0]["seed"] == 10_000
+    assert _train(tmp_path / "leak", "--seed", "10000") == 2
+    assert "--seed: 10000 is the data seed of the synthetic test set" in capsys.readouterr().err
+    assert not (tmp_path / "leak").exists()
+
+
+def test_sample_weights_raw_on_a_weights_file_is_an_error(trained, tmp_path, capsys):
+    _png(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+    assert main(["sample", str(trained / "model.safetensors"), str(tmp_path / "a.png"), "--weights", "raw",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "weights: 'raw' chooses between the raw and EMA weights" in capsys.readouterr().err
 
 
 def test_demo_small_budget_writes_the_comparison(tmp_path, capsys):

@@ -15,6 +15,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from berdiff_fast.data import (BraTS, DataError, LIDC, assign_split, draw_annotation,  # noqa: E402
                                load_inputs, read_pickle_chunked, zscore_nonzero)
+from berdiff_fast.data.inputs import VolumeGeometry  # noqa: E402
 
 LIDC_FRACTIONS = (0.70, 0.15, 0.15)
 BRATS_FRACTIONS = (0.8, 0.1, 0.1)
@@ -380,6 +381,29 @@ def test_phiseg_hdf5_errors(tmp_path):
         LIDC(path)
 
 
+def test_phiseg_hdf5_image_range_is_checked(tmp_path):
+    # A file holding images in [0, 1] (not image - 0.5) would be read as [0.5, 1.5] without a word.
+    path = tmp_path / "unshifted.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("train")
+        g.create_dataset("images", data=rng.random((2, 128, 128)).astype(np.float32))
+        g.create_dataset("labels", data=np.zeros((2, 128, 128, 4), np.uint8))
+    with pytest.raises(DataError, match=r"unshifted.hdf5 \[train/images\[0\]\]: 'image' values must lie in "
+                                        r"\[0, 1\] after the \+ 0.5 shift.*\[-0.5, 0.5\]\), found \[0.5"):
+        LIDC(path, mode="eval")
+    # one bad image among good ones: refused when it is read, naming it
+    path = tmp_path / "one_bad.hdf5"
+    make_phiseg(path, sizes={"train": 3})
+    with h5py.File(path, "r+") as f:
+        f["train/images"][1, 7, 7] = 0.9
+    ds = LIDC(path, mode="eval")
+    ds[0]
+    with pytest.raises(DataError, match=r"one_bad.hdf5 \[train/images\[1\]\]: 'image' values must lie in \[0, 1\]"):
+        ds[1]
+    ds.close()
+
+
 # --------------------------------------------------------------------------- BRATS
 
 
@@ -403,7 +427,8 @@ def _brats_volumes(shape, seed):
     return vols, seg
 
 
-def make_brats_case(root, case, shape, seed=0, skip=(), seg_override=None):
+def make_brats_case(root, case, shape, seed=0, skip=(), seg_override=None, affines=None):
+    """``affines``: {key: 4 x 4} for the files that should not have the identity affine."""
     folder = root / case
     folder.mkdir(parents=True)
     vols, seg = _brats_volumes(shape, seed)
@@ -411,7 +436,8 @@ def make_brats_case(root, case, shape, seed=0, skip=(), seg_override=None):
         seg = seg_override
     for key, v in zip(("t1", "t1ce", "t2", "flair", "seg"), vols + [seg]):
         if key not in skip:
-            nib.save(nib.Nifti1Image(v, np.eye(4)), str(folder / f"{case}_{key}.nii.gz"))
+            affine = (affines or {}).get(key, np.eye(4))
+            nib.save(nib.Nifti1Image(v, affine), str(folder / f"{case}_{key}.nii.gz"))
     return vols, seg
 
 
@@ -521,6 +547,27 @@ def test_brats_errors(tmp_path):
         BraTS(tmp_path / "f", fractions=(0.5, 0.5, 0.5))
 
 
+def test_brats_files_of_a_case_must_share_one_grid(tmp_path):
+    train = _names_in("train", "BraTS2021_{:05d}", BRATS_FRACTIONS, 1)[0]
+    flipped = np.diag([-1.0, 1, 1, 1])  # the flair flipped left-right: a misregistered channel
+    make_brats_case(tmp_path / "a", train, (20, 20, 9), affines={"flair": flipped})
+    with pytest.raises(DataError, match=rf"{train}_flair.nii.gz: voxel-to-world affine .* differs from "
+                                        rf"{train}_t1.nii.gz's"):
+        BraTS(tmp_path / "a", **SMALL)
+    # the same check for plain inference on the case folder
+    with pytest.raises(DataError, match=rf"{train}_flair.nii.gz: voxel-to-world affine"):
+        list(load_inputs(tmp_path / "a" / train, channels=4, crop=16))
+    coarse = np.diag([2.0, 2, 2, 1])  # the segmentation at another spacing
+    make_brats_case(tmp_path / "b", train, (20, 20, 9), affines={"seg": coarse})
+    with pytest.raises(DataError, match=rf"{train}_seg.nii.gz: voxel-to-world affine"):
+        BraTS(tmp_path / "b", **SMALL)
+    # one shared non-identity affine, up to float32 header rounding, is fine
+    shared = np.array([[0, -1.0, 0, 120.3], [1.0, 0, 0, -90.1], [0, 0, 1.0, 17.7], [0, 0, 0, 1]])
+    make_brats_case(tmp_path / "c", train, (20, 20, 9),
+                    affines={k: shared for k in ("t1", "t1ce", "t2", "flair", "seg")})
+    assert len(BraTS(tmp_path / "c", **SMALL)) == 4
+
+
 # --------------------------------------------------------------------------- inference inputs
 
 
@@ -586,3 +633,56 @@ def test_load_inputs_errors(tmp_path):
         list(load_inputs(tmp_path / "v.nii.gz", channels=4))
     with pytest.raises(ValueError, match="channels: expected a positive int"):
         load_inputs(tmp_path / "v.nii.gz", channels=0)
+
+
+def test_load_inputs_suffixes_ignore_case(tmp_path):
+    _save_png(tmp_path / "in" / "IMG.PNG", np.full((8, 8), 51, np.uint8))
+    vol = np.arange(8 * 8 * 2, dtype=np.float32).reshape(8, 8, 2) + 1
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "in" / "Scan.NII.GZ"))
+    names = [n for n, _ in load_inputs(tmp_path / "in", channels=1)]
+    assert names == ["IMG", "Scan_z000", "Scan_z001"]
+    (name, img), = load_inputs(tmp_path / "in" / "IMG.PNG", channels=1)
+    assert name == "IMG" and np.allclose(img, 51 / 255)
+    assert [n for n, _ in load_inputs(tmp_path / "in" / "Scan.NII.GZ", channels=1)] == ["Scan_z000", "Scan_z001"]
+
+
+def _scan_affine():
+    """A non-identity voxel-to-world matrix: axes swapped and flipped, anisotropic, off-origin."""
+    return np.array([[0.0, -0.8, 0.0, 100.0], [-0.9, 0.0, 0.0, 120.0], [0.0, 0.0, 2.5, -60.0], [0, 0, 0, 1]])
+
+
+def test_load_inputs_geometry_puts_outputs_back_on_the_input_grid(tmp_path):
+    h, w, d, crop = 41, 38, 3, 16
+    affine = _scan_affine()
+    src = nib.Nifti1Image(np.random.default_rng(0).random((h, w, d)).astype(np.float32) + 1, affine)
+    src.set_qform(affine, 1)  # scanner qform and aligned sform, as a converter writes them
+    src.header.set_xyzt_units("mm", "sec")
+    nib.save(src, str(tmp_path / "scan.nii.gz"))
+    items = list(load_inputs(tmp_path / "scan.nii.gz", channels=1, crop=crop, geometry=True))
+    assert [n for n, _, _ in items] == ["scan_z000", "scan_z001", "scan_z002"]
+    geo = items[0][2]
+    assert isinstance(geo, VolumeGeometry) and all(g is geo for _, _, g in items)
+    top, left = (h - crop) // 2, (w - crop) // 2
+    assert geo.name == "scan" and geo.shape == (h, w, d) and geo.offset == (top, left) == (12, 11)
+    # one marked voxel at (i, j, z) of the cropped slices lands at (top + i, left + j, z)
+    i, j, z = 3, 5, 2
+    cropped = np.zeros((crop, crop, d, 2), np.uint8)
+    cropped[i, j, z, 1] = 1
+    out = geo.to_nifti(cropped)
+    nib.save(out, str(tmp_path / "out.nii.gz"))
+    back, orig = nib.load(str(tmp_path / "out.nii.gz")), nib.load(str(tmp_path / "scan.nii.gz"))
+    assert back.shape == (h, w, d, 2)
+    np.testing.assert_array_equal(back.affine, orig.affine)
+    assert back.header.get_qform(coded=True)[1] == 1 and back.header.get_sform(coded=True)[1] == 2
+    assert back.header.get_zooms()[:3] == orig.header.get_zooms() and back.header.get_xyzt_units() == ("mm", "sec")
+    data = np.asanyarray(back.dataobj)
+    assert list(zip(*np.nonzero(data))) == [(top + i, left + j, z, 1)]
+    # the same world position as the input voxel the model saw there
+    np.testing.assert_allclose(back.affine @ [top + i, left + j, z, 1], orig.affine @ [top + i, left + j, z, 1])
+    assert np.isclose(items[z][1][0, i, j], zscore_nonzero(orig.get_fdata())[top + i, left + j, z])
+    with pytest.raises(ValueError, match=r"arr: expected \(h, w, 3\)"):
+        geo.to_nifti(np.zeros((crop, crop, 2), np.uint8))
+    # PNG inputs carry no geometry; without geometry=True the items stay (name, image) pairs
+    _save_png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    assert list(load_inputs(tmp_path / "a.png", channels=1, geometry=True))[0][2] is None
+    assert all(len(it) == 2 for it in load_inputs(tmp_path / "scan.nii.gz", channels=1))

@@ -325,6 +325,19 @@ def test_ged_and_squared_agree():
     torch.testing.assert_close(g * g, g2, rtol=1e-12, atol=1e-15)
 
 
+def test_metrics_are_unchanged_inside_autocast():
+    # 128 x 128 masks hold thousands of pixels: a bf16 matmul would round their intersection counts
+    # (8-bit mantissa) and shift GED and HM-IoU; the counts must stay exact in a mixed-precision region.
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(1, 16, 128, 128, generator=g) < 0.4
+    y = torch.rand(1, 4, 128, 128, generator=g) < 0.4
+    ged2, hm, iou = metrics.ged(s, y, squared=True), metrics.hm_iou(s, y), metrics.pairwise_iou(s, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(metrics.ged(s, y, squared=True), ged2)
+        assert torch.equal(metrics.hm_iou(s, y), hm)
+        assert torch.equal(metrics.pairwise_iou(s, y), iou)
+
+
 # --------------------------------------------------------------------------- bad input
 
 _S = torch.zeros(2, 3, 4, 4, dtype=torch.bool)

@@ -193,6 +193,64 @@ def test_out_folder_protection_and_resume_errors(tmp_path):
     assert (out / CHECKPOINT).read_bytes() != before and checkpoint_info(out / CHECKPOINT)["step"] == 1
 
 
+def _labelled(info, n=16):
+    data = _data(n)
+    data.split_info = info
+    return data
+
+
+def test_resume_on_another_data_set_is_refused_and_the_record_kept(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(steps=1, batch_size=4, ema_decay=None)
+    a = {"dataset": "A", "split": "train", "n_images": 16, "path": "/data/a"}
+    Trainer(_model(), _labelled(a), cfg, out=out, progress=False).fit()
+    other = {"dataset": "B", "split": "val", "n_images": 16, "path": "/data/b"}  # same size: only the record differs
+    with pytest.raises(ValueError, match=r"trained on dataset='A', split='train'.*, but the data set now is "
+                                         r"dataset='B', split='val'.*\(they differ in dataset, split\)"):
+        Trainer(_model(), _labelled(other), _cfg(steps=2, batch_size=4, ema_decay=None), out=out, resume=True,
+                progress=False)
+    # The same data moved to another folder resumes, and the checkpoint keeps the first run's record.
+    moved = dict(a, path="/scratch/a")
+    Trainer(_model(), _labelled(moved), _cfg(steps=2, batch_size=4, ema_decay=None), out=out, resume=True,
+            progress=False).fit()
+    info = checkpoint_info(out / CHECKPOINT)
+    assert info["step"] == 2 and info["split_info"] == a
+
+
+def test_resume_of_a_checkpoint_without_a_data_record_warns(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(steps=1, batch_size=4, ema_decay=None)
+    Trainer(_model(), _labelled({"dataset": "A"}), cfg, out=out, progress=False).fit()
+    # Rewrite it as a checkpoint from before data_sha256 was recorded.
+    from safetensors import safe_open
+
+    with safe_open(str(out / CHECKPOINT), framework="pt") as f:
+        meta = f.metadata()
+    trainer_meta = json.loads(meta["berdiff_trainer"])
+    del trainer_meta["data_sha256"]
+    meta["berdiff_trainer"] = json.dumps(trainer_meta)
+    write_safetensors_atomic(out / CHECKPOINT, load_file(str(out / CHECKPOINT)), meta)
+    said = []
+    t = Trainer(_model(), _labelled({"dataset": "B"}), _cfg(steps=2, batch_size=4, ema_decay=None), out=out,
+                resume=True, progress=False, log=said.append)
+    assert t.step == 1
+    assert any(m.startswith("warning:") and "cannot check that this is the data" in m for m in said), said
+
+
+def test_load_model_weights_choice_needs_a_training_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    Trainer(_model(), _data(16), _cfg(steps=1, batch_size=4, ema_decay=0.5), out=out, progress=False).fit()
+    for choice in ("raw", "ema"):
+        # model.safetensors holds the EMA weights only: 'raw' used to return them silently.
+        with pytest.raises(ValueError, match=rf"weights: '{choice}' chooses between the raw and EMA weights.*"
+                                             rf"{WEIGHTS} is a weights file"):
+            load_model(out / WEIGHTS, weights=choice)
+    state = load_file(str(out / CHECKPOINT))
+    raw = load_model(out / CHECKPOINT, weights="raw")
+    assert all(torch.equal(v, state[f"model.{k}"]) for k, v in raw.state_dict().items())
+    assert any(not torch.equal(state[f"model.{k}"], state[f"ema.{k}"]) for k in raw.state_dict())
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     data = SyntheticLesions(16, size=16, seed=0, mode="eval")
     cfg = _cfg(steps=20, batch_size=4, ckpt_every=1)

@@ -112,14 +112,25 @@ def draw_annotation(seed: int, epoch: int, index: int, count: int) -> int:
 # --------------------------------------------------------------------------- arrays
 
 
+def crop_offset(h: int, w: int, crop: int | None) -> tuple[int, int]:
+    """(top, left) of the centre crop of an h x w image: ((h - crop) // 2, (w - crop) // 2); (0, 0) for no crop."""
+    return (0, 0) if crop is None else ((h - crop) // 2, (w - crop) // 2)
+
+
 def centre_crop(arr: np.ndarray, crop: int | None) -> np.ndarray:
-    """Centre crop of the last two axes to crop x crop, offsets (H - crop) // 2 and (W - crop) // 2
+    """Centre crop of the last two axes to crop x crop at ``crop_offset``
     (180 -> 128 is [26:-26], 240 -> 224 is [8:-8])."""
     if crop is None:
         return arr
-    h, w = arr.shape[-2:]
-    top, left = (h - crop) // 2, (w - crop) // 2
+    top, left = crop_offset(*arr.shape[-2:], crop)
     return arr[..., top:top + crop, left:left + crop]
+
+
+def suffix_of(path: Path, suffixes: tuple[str, ...]) -> str | None:
+    """The first of ``suffixes`` (lower case) that the file name ends with, ignoring case, so that
+    IMG.PNG and scan.NII.GZ are recognised; None when it ends with none of them."""
+    name = path.name.lower()
+    return next((s for s in suffixes if name.endswith(s)), None)
 
 
 def read_png(path: Path) -> np.ndarray:

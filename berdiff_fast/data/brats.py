@@ -20,7 +20,8 @@ out of its training share.
 
 Memory: the index holds (case, z) pairs only; a volume is read when one of its slices is first
 needed and the last ``cache_size`` cases are kept (cropped to the kept slices, about 40 MB each).
-Headers (shapes) are checked at construction; voxel data (labels, corruption) when read.
+Headers are checked at construction: the five files must share one voxel grid (shape and
+affine); voxel data (labels, corruption) when read.
 """
 from __future__ import annotations
 
@@ -50,26 +51,52 @@ def find_modality(folder: Path, key: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def nifti_shape(path: Path) -> tuple[int, ...]:
-    """The data shape from a NIfTI header, or a DataError naming the file."""
+def nifti_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(data shape, 4 x 4 voxel-to-world affine) from a NIfTI header alone, or a DataError naming the file."""
     nib = _nibabel()
     try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as e:  # nibabel raises many types (ImageFileError, OSError, EOFError, zlib.error)
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
 
 
-def read_nifti(path: Path) -> np.ndarray:
-    """The voxel data of a NIfTI file as a numpy array, or a DataError naming the file."""
+def read_nifti_image(path: Path):
+    """(voxel data as a numpy array, the nibabel image: header, affine) of a NIfTI file, or a
+    DataError naming the file."""
     nib = _nibabel()
     try:
-        return np.asanyarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
+        return np.asanyarray(img.dataobj), img
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as e:
         raise DataError(f"{path}: corrupt or unreadable NIfTI data ({type(e).__name__}: {e})") from None
+
+
+def read_nifti(path: Path) -> np.ndarray:
+    """The voxel data of a NIfTI file as a numpy array, or a DataError naming the file."""
+    return read_nifti_image(path)[0]
+
+
+# Affines of one case may differ by float32 header rounding (a qform quaternion against an sform
+# matrix); a flip, a swapped axis or a shifted origin differs by far more than 1e-3 mm.
+AFFINE_ATOL = 1e-3
+
+
+def check_same_grid(files: list[Path], shapes: list[tuple[int, ...]], affines: list[np.ndarray]) -> None:
+    """Every volume of one case must lie on the first one's voxel grid (same shape, same affine),
+    or its voxels would be paired with another place in the head; a DataError names the file."""
+    for f, shape, affine in zip(files[1:], shapes[1:], affines[1:]):
+        if shape != shapes[0]:
+            raise DataError(f"{f}: shape {shape} differs from {files[0].name}'s {shapes[0]}")
+        if not np.allclose(affine, affines[0], rtol=0, atol=AFFINE_ATOL):
+            show = lambda a: np.round(np.asarray(a, dtype=np.float64)[:3], 4).tolist()  # noqa: E731
+            raise DataError(f"{f}: voxel-to-world affine {show(affine)} differs from {files[0].name}'s "
+                            f"{show(affines[0])}: the volumes are not on one grid (flipped or not co-registered); "
+                            f"resample them onto one grid first")
 
 
 def case_folders(root: Path) -> list[Path]:
@@ -133,12 +160,11 @@ class BraTS(AnnotatedSlices):
                     raise FileNotFoundError(f"{folder / (folder.name + '_' + key + '.nii.gz')}: no such file "
                                             f"(case {folder.name} needs t1, t1ce, t2, flair and seg)")
                 files.append(f)
-            shapes = [nifti_shape(f) for f in files]
+            shapes, affines = zip(*(nifti_geometry(f) for f in files))
             for f, s in zip(files, shapes):
                 if len(s) != 3:
                     raise DataError(f"{f}: expected a 3-D volume (H, W, D), got shape {s}")
-                if s != shapes[0]:
-                    raise DataError(f"{f}: shape {s} differs from {files[0].name}'s {shapes[0]}")
+            check_same_grid(files, shapes, affines)
             h, w, d = shapes[0]
             if d <= drop_bottom + drop_top:
                 raise DataError(f"{files[0]}: {d} axial slices, fewer than the {drop_bottom} + {drop_top} + 1 "

@@ -20,7 +20,8 @@
   + 0.5, so every form delivers images in [0, 1]. The split is the released group.
 
 Shapes and annotation counts are checked when the data set is built (before any training);
-mask values are checked when a PNG or HDF5 image is read (the pickle is checked whole at build).
+mask values (and an HDF5 image's range) are checked when a PNG or HDF5 image is read (the pickle
+is checked whole at build).
 """
 from __future__ import annotations
 
@@ -33,12 +34,24 @@ import numpy as np
 
 from ._common import (SPLITS, AnnotatedSlices, DataError, assign_split, binary_mask, centre_crop,
                       check_choice, check_crop, check_fractions, check_path, gray01, optional_import,
-                      png_size, read_png, split_rule)
+                      png_size, read_png, split_rule, suffix_of)
 
 PICKLE_FRACTIONS = (0.70, 0.15, 0.15)
 PICKLE_READ_CHUNK = 2**30  # bytes per read(): a single read of 2**31 bytes or more fails on some platforms
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 FORMATS = ("lidc_crops_png", "probunet_pickle", "phiseg_hdf5")
+PICKLE_SUFFIXES = (".pickle", ".pkl")
+HDF5_SUFFIXES = (".hdf5", ".h5")
+
+
+def _check_unit_range(path, where: str, image: np.ndarray, stored: str = "") -> None:
+    """Every form must deliver images in [0, 1]; a file in another convention would otherwise
+    train and evaluate on shifted intensities without a word."""
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}{where}: 'image' holds NaN or inf")
+    if image.min() < 0 or image.max() > 1:
+        raise DataError(f"{path}{where}: 'image' values must lie in [0, 1]{stored}, found "
+                        f"[{float(image.min()):g}, {float(image.max()):g}]")
 
 
 def detect_format(path: Path) -> tuple[str, Path | list[Path]]:
@@ -48,16 +61,16 @@ def detect_format(path: Path) -> tuple[str, Path | list[Path]]:
             head = f.read(8)
         if head == HDF5_SIGNATURE:
             return "phiseg_hdf5", path
-        if path.suffix in (".pickle", ".pkl") or head[:1] == b"\x80":
+        if suffix_of(path, PICKLE_SUFFIXES) or head[:1] == b"\x80":
             return "probunet_pickle", [path]
         raise DataError(f"{path}: not a LIDC file this library reads (expected a .pickle from the "
                         f"Probabilistic U-Net port or a PHiSeg .hdf5)")
     if any((path / s / "images").is_dir() for s in SPLITS):
         return "lidc_crops_png", path
-    pickles = sorted(p for p in path.iterdir() if p.suffix in (".pickle", ".pkl") and p.is_file())
+    pickles = sorted(p for p in path.iterdir() if suffix_of(p, PICKLE_SUFFIXES) and p.is_file())
     if pickles:
         return "probunet_pickle", pickles
-    hdf5 = sorted(p for p in path.iterdir() if p.suffix in (".hdf5", ".h5") and p.is_file())
+    hdf5 = sorted(p for p in path.iterdir() if suffix_of(p, HDF5_SUFFIXES) and p.is_file())
     if len(hdf5) == 1:
         return "phiseg_hdf5", hdf5[0]
     if len(hdf5) > 1:
@@ -248,8 +261,7 @@ class _PickleReader:
             elif image.shape != size:
                 raise DataError(f"{path}{where}: image of {image.shape[0]}x{image.shape[1]}, but the others are "
                                 f"{size[0]}x{size[1]}")
-            if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                raise DataError(f"{path}{where}: 'image' values must lie in [0, 1]")
+            _check_unit_range(path, where, image)
             masks = value["masks"]
             if len(masks) != annotations:
                 raise DataError(f"{path}{where}: {len(masks)} masks, expected {annotations}")
@@ -279,6 +291,8 @@ class _PickleReader:
 
 
 class _Hdf5Reader:
+    STORED = " after the + 0.5 shift (PHiSeg stores image - 0.5, so the file must hold [-0.5, 0.5])"
+
     def __init__(self, path: Path, split: str, annotations: int, crop: int | None):
         h5py = optional_import("h5py", "reading PHiSeg HDF5 files")
         self.path = path
@@ -309,6 +323,10 @@ class _Hdf5Reader:
                 raise DataError(f"{path}: split {split!r} is empty")
             if crop is not None and (h < crop or w < crop):
                 raise DataError(f"{path}: images of {h}x{w} are smaller than the crop {crop}x{crop}")
+            # The first image now (a file in another convention fails before any training);
+            # every image again when it is read, at the cost of a min and a max.
+            _check_unit_range(path, f" [{split}/images[0]]",
+                              np.asarray(images[0], dtype=np.float32) + np.float32(0.5), self.STORED)
             if "uids" in g:
                 uids = [u.decode() if isinstance(u, bytes) else str(u) for u in g["uids"][()].tolist()]
                 if len(uids) != n:
@@ -349,6 +367,7 @@ class _Hdf5Reader:
             labels = np.asarray(g["labels"][i])
         except OSError as e:
             raise DataError(f"{self.path}: cannot read image {i} of {self.split!r} ({e})") from None
+        _check_unit_range(self.path, f" [{self.split}/images[{i}]]", image, self.STORED)
         masks = binary_mask(self.path, np.moveaxis(labels, -1, 0), f" [{self.split}/labels[{i}]]")
         return image, masks, self.names[i]
 
