@@ -60,7 +60,8 @@ def run_demo(out: str | Path = "demo_out", minutes: float = 7.0, train_size: int
     base_hist = train(base, train_set, max_steps=hist["steps"], minutes=0.55 * minutes, **common)
 
     t0 = time.perf_counter()
-    res = sample(model, test_set.images, steps=steps, k=k, seed=seed, progress=progress)
+    # Training may have moved the model to a GPU; the annotations stay on the CPU.
+    res = sample(model, test_set.images.to(model.device), steps=steps, k=k, seed=seed, progress=progress).to("cpu")
     sample_s = time.perf_counter() - t0
     base_masks, base_probs = predict_sets(base, test_set.images, k=k)  # its one mask, repeated k times
     base_prob = base_probs[:, 0]

@@ -8,6 +8,7 @@ never changes the result, and every backend gives the same masks for the same se
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,12 @@ class SampleResult:
     uncertainty: torch.Tensor
     timesteps: torch.Tensor
     seed: int
+
+    def to(self, device) -> "SampleResult":
+        """The same result with its tensors on ``device`` (e.g. "cpu" before comparing with annotations)."""
+        return dataclasses.replace(self, masks=self.masks.to(device), probs=self.probs.to(device),
+                                   saliency=self.saliency.to(device), uncertainty=self.uncertainty.to(device),
+                                   timesteps=self.timesteps.to(device))
 
 
 def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
@@ -141,9 +148,9 @@ def _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype, use_gr
     ``ops`` is a backend module, called without re-validation: the arguments were checked once.
     """
     sched, dev = model.schedule, x.device
-    rows = x.to(next(model.unet.parameters()).dtype).repeat_interleave(k, dim=0)
-    n_rows, (H, W) = rows.shape[0], rows.shape[2:]
-    hw, n_total = H * W, rows.shape[0] * H * W
+    x = x.to(next(model.unet.parameters()).dtype)
+    n_rows, (H, W) = x.shape[0] * k, x.shape[2:]  # row r is sample r % k of image r // k
+    hw, n_total = H * W, n_rows * H * W
     ts = ts.to(dev)
     targets = torch.cat([ts[1:], ts.new_zeros(1)])
     out = torch.empty(n_rows, 1, H, W, dtype=torch.float32, device=dev)
@@ -155,9 +162,9 @@ def _run(model, net, ops, x, ts, k, seed, eta, sampler, max_batch, dtype, use_gr
                    unit="chunk" if use_graph else "step")
     for lo in range(0, n_rows, max_batch):
         hi = min(lo + max_batch, n_rows)
-        xc, n = rows[lo:hi], hi - lo
+        xc, n = x.index_select(0, torch.arange(lo, hi, device=dev) // k), hi - lo  # this chunk's rows only
         if use_graph:
-            g = fast_path.graph_sampler(model, net, ops, n, tuple(rows.shape[1:]), ts, sampler, eta, dtype, dev,
+            g = fast_path.graph_sampler(model, net, ops, n, tuple(x.shape[1:]), ts, sampler, eta, dtype, dev,
                                         ops.__name__)
             out[lo:hi] = g.run(xc, seed, lo * hw, n_total)
             if bar is not None:

@@ -118,6 +118,15 @@ def test_ddpm_visits_all_steps():
     assert sample(m, x, k=1, seed=0).timesteps.tolist() == list(range(25, 0, -1))
 
 
+def test_result_moves_between_devices(model, images):
+    out = sample(model, images, steps=2, k=2, seed=3)
+    moved = out.to("meta")
+    assert all(getattr(moved, f).device.type == "meta" for f in ("masks", "probs", "saliency", "uncertainty"))
+    assert moved.seed == out.seed and out.masks.device.type == "cpu"  # the original is left as it was
+    back = out.to("cpu")
+    assert torch.equal(back.masks, out.masks) and torch.equal(back.uncertainty, out.uncertainty)
+
+
 def test_numpy_integers_and_float64_models(model, images):
     import numpy as np
     got = sample(model, images, steps=np.int64(3), k=np.int32(2), seed=np.uint16(7), max_batch=np.int64(64))
