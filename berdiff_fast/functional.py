@@ -38,14 +38,18 @@ def _masks(y_t, t, sched, **others):
     check.same_shape(y_t=y_t, **others)
     check.same_device(y_t=y_t, **others)
     _mask("y_t", y_t)
-    if "logits" in others:
-        check.dtype("logits.dtype", others["logits"].dtype, check.LOGIT_DTYPES)
     return check.timesteps("t", t, y_t.shape[0], _schedule(sched).T, y_t.device)
 
 
 def _mask(name: str, y: torch.Tensor) -> None:
     check.dtype(f"{name}.dtype", y.dtype, check.MASK_DTYPES)
     check.binary(name, y)
+
+
+def _logits(logits: torch.Tensor, *, finite: bool = True) -> None:
+    check.dtype("logits.dtype", logits.dtype, check.LOGIT_DTYPES)
+    if finite:  # a full read and a synchronisation: the training loss skips it
+        check.finite("logits", logits)
 
 
 # --- the mathematics, as probabilities -------------------------------------------------------
@@ -87,7 +91,7 @@ def loss_terms(logits, y_t, y0, t, sched: NoiseSchedule) -> dict[str, torch.Tens
     """Per-sample ``kl`` (decoder NLL where t = 1), ``bce`` and ``loss``, each (B,), in bits."""
     t = _masks(y_t, t, sched, y0=y0, logits=logits)
     check.binary("y0", y0)
-    check.finite("logits", logits)
+    _logits(logits)
     cd = _float_dtype(logits, y_t, y0)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
@@ -130,9 +134,8 @@ def predict_y0(logits, y_t, *, backend: str | None = None):
     check.tensor("y_t", y_t)
     check.same_shape(logits=logits, y_t=y_t)
     check.same_device(logits=logits, y_t=y_t)
-    check.dtype("logits.dtype", logits.dtype, check.LOGIT_DTYPES)
     _mask("y_t", y_t)
-    check.finite("logits", logits)
+    _logits(logits)
     return backends.resolve(backend, y_t.device).predict_y0(logits.contiguous(), y_t.contiguous())
 
 
@@ -143,7 +146,7 @@ def ddpm_step(logits, y_t, t, sched: NoiseSchedule, seed, offset, *, return_y0: 
     With ``return_y0`` also returns y0_hat = |y_t - sigmoid(logits)| (the last step's output).
     """
     t = _masks(y_t, t, sched, logits=logits)
-    check.finite("logits", logits)
+    _logits(logits)
     dev = y_t.device
     return backends.resolve(backend, dev).ddpm_step(
         logits.contiguous(), y_t.contiguous(), t, sched,
@@ -156,7 +159,7 @@ def ddim_step(logits, y_t, t, s, sched: NoiseSchedule, seed, offset, eta: float 
     t = _masks(y_t, t, sched, logits=logits)
     s = _jump_target(s, t, sched)
     eta = check.eta(eta)
-    check.finite("logits", logits)
+    _logits(logits)
     dev = y_t.device
     return backends.resolve(backend, dev).ddim_step(
         logits.contiguous(), y_t.contiguous(), t, s, sched,
@@ -167,6 +170,6 @@ def loss(logits, y_t, y0, t, sched: NoiseSchedule, *, backend: str | None = None
     """The training loss (KL or decoder NLL, plus BCE), per sample (B,), in bits; differentiable in logits."""
     t = _masks(y_t, t, sched, y0=y0, logits=logits)
     _mask("y0", y0)
-    # No finite check here: it would synchronise every training step; NaN logits give a NaN loss.
+    _logits(logits, finite=False)  # NaN logits give a NaN loss
     return backends.resolve(backend, y_t.device).loss(
         logits.contiguous(), y_t.contiguous(), y0.contiguous(), t, sched)
