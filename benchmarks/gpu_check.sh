@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, for a fresh CUDA machine with no network (torch and triton preinstalled):
-# build the extension, run the CUDA tests and the CMake core's tests, then the kernel, U-Net profile,
-# latency and training benchmarks.
+# build the extension, run the CUDA tests, the kernel benchmarks and the CMake core's tests, then
+# the U-Net profile, latency and training benchmarks.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # GPU_CHECK_BUDGET=460 seconds by default
 #   GPU_CHECK_STEPS=build,cuda_tests,kernels bash benchmarks/gpu_check.sh OUT_DIR   # some steps only
 #   GPU_CHECK_STEPS=build,ncu_kernels ...   # optional steps (ncu_kernels) run only when named
@@ -54,15 +54,17 @@ step build 200 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 # GPU_CHECK_TESTS narrows the test files (e.g. to tests/test_cpp_ops.py after a csrc-only change).
 read -r -a TESTS <<< "${GPU_CHECK_TESTS:-tests/test_rng.py tests/test_kernels_triton.py tests/test_cpp_ops.py tests/test_fast_sampler.py}"
 step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "not slow" "${TESTS[@]}" -k "cuda or CUDA"
+step kernels 120 $PY benchmarks/kernels.py --impls triton cuda --repeats 9 --json "$OUT/kernels.json"
+# Bool masks: the CUDA kernels' instance that reads its dtypes at run time (berdiff_kernels.cuh, visit_io).
+step kernels_bool 60 $PY benchmarks/kernels.py --impls triton cuda --mask-dtype bool --ops q_sample ddim_step \
+  --shape 64x1x512x512 --repeats 9 --json "$OUT/kernels_bool.json"
 # The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
-# cuda_contiguous: the CUDA kernels in their contiguous tile layout (BERDIFF_CUDA_TILES), beside the default.
-step kernels 120 $PY benchmarks/kernels.py --impls triton cuda cuda_contiguous --repeats 9 --json "$OUT/kernels.json"
-# Where the U-Net's time goes (kernel categories) and whether a layout-keeping GroupNorm helps;
+# Where the U-Net's time goes (kernel categories), with weights in NCHW and in channels_last;
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)
-step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_gn,compiled_cl_gn}" \
+step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_cl}" \
   --dump-code "$CODE" --json "$OUT/profile_unet.json"
 [ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
 # Optional, for issue #4's remaining gap: hardware counters (Nsight Compute) of the DDIM step and
@@ -70,7 +72,7 @@ step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py
 NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
 optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 40 -k "regex:step_kernel|q_sample_kernel" \
   --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
-  --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda cuda_contiguous --ops q_sample ddim_step \
+  --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda --ops q_sample ddim_step \
   --shape 64x1x512x512 --repeats 1 --inner 1
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
@@ -88,13 +90,14 @@ $PY - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
 for f in sorted(glob.glob(os.path.join(out, "kernels*.json"))):
-    rows = json.load(open(f))["results"]
-    for r in rows:
+    k = json.load(open(f))
+    mask = k["meta"]["mask_dtype"]
+    for r in k["results"]:
         if r["impl"] == "torch" and r["op"] != "loss_fwd_bwd":
             continue
         g = f"{r['graph_us']:7.1f}" if r.get("graph_us") else "      -"
         c = f"{100 * r['frac_copy']:5.1f}%" if r.get("frac_copy") else "     -"
-        print(f"kernel {r['op']:<14} {r['shape']:<13} {r['impl']:<15} {r['median_us']:9.1f} us  graph {g} us "
+        print(f"kernel {r['op']:<14} {r['shape']:<13} {mask:<6} {r['impl']:<7} {r['median_us']:9.1f} us  graph {g} us "
               f" {c} of copy  x{r['speedup_vs_eager']:.1f} eager")
 f = os.path.join(out, "profile_unet.json")
 if os.path.exists(f):

@@ -4,9 +4,8 @@
 
 For each op and shape it times: ``torch`` (the eager reference backend), ``torch+compile``
 (the same mathematics through torch.compile, uniforms drawn eagerly: see CompiledReference) and
-every fused backend that runs here (``triton`` and ``cuda`` on a GPU, ``cpu`` on CPU;
-``cuda_contiguous`` is the CUDA kernels with the tile layout BERDIFF_CUDA_TILES=contiguous,
-timed beside the default strided one), each through its backend module (the functional API's
+every fused backend that runs here (``triton`` and ``cuda`` on a GPU, ``cpu`` on CPU), each
+through its backend module (the functional API's
 argument checks, which synchronise, are left out; ``--validate`` times the functional API
 instead). Times are medians over ``--repeats`` measurements of ``--inner`` back-to-back calls.
 
@@ -20,7 +19,6 @@ shapes for a CPU check. The Triton interpreter is not a benchmark: do not set TR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -38,16 +36,9 @@ from _timing import time_call  # benchmarks/, the script's folder, is on sys.pat
 SHAPES = [(16, 1, 128, 128), (64, 1, 512, 512)]
 QUICK_SHAPES = [(4, 1, 32, 32), (16, 1, 128, 128)]
 FUSED = ("triton", "cuda", "cpu")
-# Variants of a fused backend: (backend, environment while its calls run and are captured).
-VARIANTS = {"cuda_contiguous": ("cuda", {"BERDIFF_CUDA_TILES": "contiguous"})}
 DTYPES = {"uint8": torch.uint8, "bool": torch.bool, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 1234
-
-
-def variant(impl: str) -> tuple[str, dict[str, str]]:
-    """(backend, environment) of an implementation: a plain backend runs in the environment as is."""
-    return VARIANTS.get(impl, (impl, {}))
 
 
 # --- the workload ----------------------------------------------------------------------------
@@ -212,21 +203,6 @@ def time_graph(fn, device, repeats: int, inner: int) -> float | None:
     return time_call(graph.replay, device, repeats, 1) / inner
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with ``values`` set, restored afterwards."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def copy_bandwidth(device, repeats: int, nbytes: int = 512 * 2**20) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -243,13 +219,12 @@ def run(args) -> dict:
     if args.shape:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape]
     fused = [b for b in FUSED if backends.available(b, device)]
-    fused += [v for v, (b, _) in VARIANTS.items() if b in fused]
     impls = ["torch", "torch+compile"] + fused
     if args.impls:
-        unknown = set(args.impls) - {"torch", "torch+compile", *FUSED, *VARIANTS}
+        unknown = set(args.impls) - {"torch", "torch+compile", *FUSED}
         if unknown:
             raise SystemExit(f"--impls: unknown {sorted(unknown)}; expected among torch, torch+compile, "
-                             f"{', '.join((*FUSED, *VARIANTS))}")
+                             f"{', '.join(FUSED)}")
         impls = ["torch"] + [i for i in impls[1:] if i in args.impls]  # torch: the baseline of every ratio
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -273,19 +248,18 @@ def run(args) -> dict:
             if impl == "torch+compile":
                 calls[impl] = compiled_reference_calls(x, sched, device)
             elif args.validate:
-                calls[impl] = functional_calls(variant(impl)[0], x, sched, device)
+                calls[impl] = functional_calls(impl, x, sched, device)
             else:
-                calls[impl] = op_calls(backends.resolve(variant(impl)[0], device), x, sched, device)
+                calls[impl] = op_calls(backends.resolve(impl, device), x, sched, device)
         for op in calls["torch"]:
             if args.ops and op not in args.ops:
                 continue
             base = None
             for impl in impls:
                 inner = args.inner if x["y_t"].numel() <= 2**20 else max(1, args.inner // 10)
-                with environment(variant(impl)[1]):
-                    sec = time_call(calls[impl][op], device, args.repeats, inner)
-                    graph = (time_graph(calls[impl][op], device, args.repeats, inner)
-                             if device.type == "cuda" and impl != "torch+compile" and op != "loss_fwd_bwd" else None)
+                sec = time_call(calls[impl][op], device, args.repeats, inner)
+                graph = (time_graph(calls[impl][op], device, args.repeats, inner)
+                         if device.type == "cuda" and impl != "torch+compile" and op != "loss_fwd_bwd" else None)
                 base = sec if impl == "torch" else base
                 nbytes = bytes_moved(op, x)
                 row = {"op": op, "shape": "x".join(map(str, shape)), "impl": impl, "median_us": sec * 1e6,

@@ -12,10 +12,8 @@ SiLU, adds, casts, concatenation), layout conversions and other. The convolution
 the memory-bound glue between them.
 
 Variants: compiled (Inductor, the sampler's configuration), compiled_cl (weights converted to
-channels_last before compiling), compiled_gn (GroupNorm written with views that keep
-channels_last, so that the traced activations, and with them Inductor's layout of the skip
-concatenations, are NHWC), compiled_cl_gn (both), compiled_bf16w (weights stored in bf16, so no
-per-forward weight casts), eager (bf16 autocast, no compile), compiled_cudnn_bench
+channels_last before compiling), compiled_bf16w (weights stored in bf16, so no per-forward
+weight casts), eager (bf16 autocast, no compile), compiled_cudnn_bench
 (torch.backends.cudnn.benchmark on while compiling and warming up), compiled_cdt (Inductor's
 coordinate-descent tuning of its Triton kernels' block sizes), compiled_autotune (mode
 max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too).
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import platform
@@ -44,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import berdiff_fast as bf
 from _timing import time_call  # benchmarks/, the script's folder, is on sys.path
 
-VARIANTS = ("compiled", "compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w", "eager",
-            "compiled_cudnn_bench", "compiled_cdt", "compiled_autotune")
-DEFAULT_VARIANTS = ("compiled", "compiled_gn", "compiled_cl_gn")
+VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "eager", "compiled_cudnn_bench", "compiled_cdt",
+            "compiled_autotune")
+DEFAULT_VARIANTS = ("compiled", "compiled_cl")
 CATEGORIES = ("conv", "gemm", "attention", "inductor", "layout", "other")
 
 
@@ -74,26 +71,12 @@ def counted_flops(model, y, x, t):
     return counter.get_total_flops(), conv
 
 
-def group_norm_keeping_layout(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x.float()).to(x.dtype)`` for 4-D x, through views that exist in both memory formats:
-    (N, C, H, W) -> (N, G, C/G, H, W) splits the channel dimension in place, so a channels_last
-    input gives a channels_last output (F.group_norm on CUDA returns NCHW)."""
-    g = x.float().unflatten(1, (norm.num_groups, x.shape[1] // norm.num_groups))
-    var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0, keepdim=True)
-    y = ((g - mean) * torch.rsqrt(var + norm.eps)).flatten(1, 2)
-    return (y * norm.weight[:, None, None] + norm.bias[:, None, None]).to(x.dtype)
-
-
 def build(variant, model, dtype):
     net = model.unet
-    if variant in ("compiled_cl", "compiled_gn", "compiled_cl_gn", "compiled_bf16w"):  # changed in place: copy
+    if variant in ("compiled_cl", "compiled_bf16w"):  # changed in place: copy
         net = copy.deepcopy(net)
-    if variant in ("compiled_cl", "compiled_cl_gn"):
+    if variant == "compiled_cl":
         net = net.to(memory_format=torch.channels_last)
-    if variant in ("compiled_gn", "compiled_cl_gn"):
-        for m in net.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.forward = functools.partial(group_norm_keeping_layout, m)
     if variant == "compiled_bf16w":
         net = net.to(dtype)
     if variant == "eager":

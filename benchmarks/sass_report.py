@@ -3,16 +3,19 @@ of every global load and store of each Bernoulli kernel.
 
     python benchmarks/sass_report.py [--arch 90] [--json PATH]
 
-- CUDA: the float32 kernels of csrc/cuda/berdiff_kernels.cuh in both tile layouts (strided and
-  contiguous, csrc/tile.h), compiled with nvcc to a cubin for sm_<arch>.
+- CUDA: the float32 kernels of csrc/cuda/berdiff_kernels.cuh, compiled with nvcc to a cubin for
+  sm_<arch>, in every instance the launchers choose from: storage dtypes fixed at compile time
+  (io "u8/f32": uint8 masks and float32 logits, what benchmarks/kernels.py times by default;
+  "f32/bf16": the sampler's float32 masks and bfloat16 logits; ...) and "any", which reads them
+  from its arguments (one switch per tile and tensor).
 - Triton: the kernels of kernels/ compiled for the same target as the runtime specialises them
   for the benchmarks' tensors (uint8 masks, float32 logits, 16-byte-aligned pointers and element
   counts divisible by 16, i.e. ``tt.divisibility = 16``). Without those hints Triton cannot
   prove alignment and emits one scalar access per element, which is not what runs.
 
-Counts are static (each instruction of the SASS once, whichever dtype branch it serves), so the
-CUDA kernels, which switch over the storage dtype at run time, list the accesses of every
-dtype; what matters is which widths occur. Needs nvcc ($CUDA_HOME/bin or PATH); cuobjdump is
+Counts are static (each instruction of the SASS once, whichever branch it is on): the "any"
+instances list the accesses of every dtype, the others those of their own dtypes with the scalar
+paths of partial and misaligned tiles beside the vector ones; what matters is which widths occur. Needs nvcc ($CUDA_HOME/bin or PATH); cuobjdump is
 taken from there or from Triton's bundled tools.
 """
 from __future__ import annotations
@@ -39,19 +42,20 @@ from berdiff_fast.kernels.step import _predict_y0_kernel, _step_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The float32 launchers; instantiating them instantiates every kernel in both layouts.
+# The float32 launchers; instantiating them instantiates every kernel instance they launch.
 CUDA_SOURCE = """
 #include "cuda/berdiff_kernels.cuh"
 namespace bc = berdiff::cuda;
 using berdiff::OpArgs;
-using berdiff::TileLayout;
-template void bc::launch_q_sample<float>(const OpArgs&, TileLayout, cudaStream_t);
-template void bc::launch_step<float>(const OpArgs&, bool, TileLayout, cudaStream_t);
-template void bc::launch_predict_y0<float>(const OpArgs&, int64_t, TileLayout, cudaStream_t);
-template void bc::launch_loss<float>(const OpArgs&, double*, TileLayout, cudaStream_t);
-template void bc::launch_loss_backward<float>(const OpArgs&, TileLayout, cudaStream_t);
-void init_noise(const OpArgs& a, int64_t n, TileLayout l, cudaStream_t s) { bc::launch_init_noise(a, n, l, s); }
+template void bc::launch_q_sample<float>(const OpArgs&, cudaStream_t);
+template void bc::launch_step<float>(const OpArgs&, bool, cudaStream_t);
+template void bc::launch_predict_y0<float>(const OpArgs&, int64_t, cudaStream_t);
+template void bc::launch_loss<float>(const OpArgs&, double*, cudaStream_t);
+template void bc::launch_loss_backward<float>(const OpArgs&, cudaStream_t);
+void init_noise(const OpArgs& a, int64_t n, cudaStream_t s) { bc::launch_init_noise(a, n, s); }
 """
+# csrc/kernel_args.h's Dtype, by value.
+DTYPE_NAMES = ("bool", "u8", "f16", "bf16", "f32", "f64")
 
 # Triton argument types at the benchmarks' dtypes, by argument name.
 TRITON_TYPES = {
@@ -77,6 +81,8 @@ TRITON_KERNELS = {  # report name: (kernel, constexprs beyond COLUMNS, KEY_FLAGS
 CUDA_NAMES = {"q_sample_kernel": "q_sample", "init_noise_kernel": "init_noise", "predict_y0_kernel": "predict_y0",
               "loss_partial_kernel": "loss_partial", "loss_backward_kernel": "loss_backward",
               "loss_finish_kernel": "loss_finish"}
+# Kernels reading logits: their io label names the logits' dtype too.
+READS_LOGITS = {"ddim_step", "ddpm_step", "predict_y0", "loss_partial", "loss_backward"}
 
 
 def tool(name: str) -> str:
@@ -91,14 +97,15 @@ def tool(name: str) -> str:
 
 
 def functions(cubin: str) -> dict[str, dict]:
-    """Per function of a cubin: registers, stack and local bytes, and global accesses by width."""
+    """Per function of a cubin: registers, stack and local bytes, static instruction count and
+    global accesses by width."""
     cuobjdump = tool("cuobjdump")
     res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     out: dict[str, dict] = {}
     for name, usage in re.findall(r"Function (\S+):\s*\n\s*(.*)", res):
         fields = dict(re.findall(r"(\w+):(\d+)", usage))
         out[name] = {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-                     "local_bytes": int(fields["LOCAL"]), "accesses": collections.Counter()}
+                     "local_bytes": int(fields["LOCAL"]), "instructions": 0, "accesses": collections.Counter()}
     sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     current = None
     for line in sass.splitlines():
@@ -106,11 +113,22 @@ def functions(cubin: str) -> dict[str, dict]:
         if m:
             current = out.get(m.group(1))
             continue
+        if current is None or not re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+            continue
+        current["instructions"] += 1
         m = re.search(r"\b(LDG|STG)\.E((?:\.\w+)*)\s", line)
-        if m and current is not None:
+        if m:
             width = next((w for w in (".128", ".64") if w in m.group(2)), "")
             current["accesses"][m.group(1) + width] += 1
     return out
+
+
+def demangle(names: list[str]) -> list[str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None:
+        raise SystemExit("sass_report: c++filt (binutils) not found on PATH")
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return [n.replace("berdiff::", "").replace("cuda::", "") for n in out.splitlines()]
 
 
 def cuda_report(arch: int, workdir: str) -> list[dict]:
@@ -119,17 +137,23 @@ def cuda_report(arch: int, workdir: str) -> list[dict]:
         f.write(CUDA_SOURCE)
     subprocess.run([tool("nvcc"), "-O3", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", os.path.join(ROOT, "csrc"),
                     src, "-o", cubin], check=True)
+    found = functions(cubin)
     rows = []
-    for mangled, info in functions(cubin).items():
-        # _ZN7berdiff4cuda<len><name>INS_4TileILi<block>ELi<elems>ELb<contiguous>EE ... [Lb<ddim>E]
-        m = re.match(r"_ZN7berdiff4cuda\d+(\w+?)(?:INS_4TileILi(\d+)ELi(\d+)ELb([01])E|ENS_6OpArgs)", mangled)
-        if m is None:
+    for (mangled, info), name in zip(found.items(), demangle(list(found))):
+        # void step_kernel<Tile<128, 8>, float, Io<DtypeTag<(Dtype)1>, ...>, true>(OpArgs); loss_finish_kernel(...)
+        m = re.match(r"(?:void )?(\w+)(?:<Tile<(\d+), (\d+)>, (?:\w+, )?Io<(.*?) ?>(?:, (true|false))? ?>)?\(", name)
+        if m is None or m.group(1) not in CUDA_NAMES and m.group(1) != "step_kernel":
             continue
-        base, block, elems, contiguous = m.groups()
-        name = CUDA_NAMES.get(base) or ("ddim_step" if mangled.endswith("Lb1EEEvNS_6OpArgsE") else "ddpm_step")
-        layout = "-" if block is None else ("contiguous" if contiguous == "1" else "strided")
-        tile = "-" if block is None else f"{block}x{elems}"
-        rows.append({"impl": f"cuda_{layout}" if layout != "-" else "cuda", "kernel": name, "tile": tile, **info})
+        base, block, elems, io, ddim = m.groups()
+        kernel = CUDA_NAMES.get(base) or ("ddim_step" if ddim == "true" else "ddpm_step")
+        if io is None:
+            label = "-"
+        elif "AnyDtype" in io:
+            label = "any"
+        else:
+            mask, logits, _ = (DTYPE_NAMES[int(v)] for v in re.findall(r"\(Dtype\)(\d)", io))
+            label = f"{mask}/{logits}" if kernel in READS_LOGITS else mask
+        rows.append({"impl": "cuda", "io": label, "kernel": kernel, "tile": f"{block}x{elems}" if block else "-", **info})
     return rows
 
 
@@ -152,7 +176,8 @@ def triton_report(arch: int) -> list[dict]:
             f.write(compiled.asm["cubin"])
             f.flush()
             (info,) = functions(f.name).values()
-        rows.append({"impl": "triton", "kernel": name, "tile": "128x8", **info})
+        rows.append({"impl": "triton", "io": "u8/f32" if name in READS_LOGITS else "u8", "kernel": name,
+                     "tile": "128x8", **info})
     return rows
 
 
@@ -165,11 +190,12 @@ def main(argv=None) -> dict:
         raise SystemExit("sass_report: TRITON_INTERPRET=1 turns the kernels into interpreted functions; unset it")
     with tempfile.TemporaryDirectory() as workdir:
         rows = cuda_report(args.arch, workdir) + triton_report(args.arch)
-    rows.sort(key=lambda r: (r["kernel"], r["impl"]))
-    print(f"{'kernel':<14} {'impl':<16} {'tile':>7} {'regs':>5} {'stack':>6}  global accesses (static)")
+    rows.sort(key=lambda r: (r["kernel"], r["impl"], r["io"]))
+    print(f"{'kernel':<14} {'impl':<7} {'io':<9} {'tile':>7} {'regs':>5} {'stack':>6} {'instr':>6}  global accesses (static)")
     for r in rows:
         acc = ", ".join(f"{k} x{v}" for k, v in sorted(r["accesses"].items()))
-        print(f"{r['kernel']:<14} {r['impl']:<16} {r['tile']:>7} {r['registers']:>5} {r['stack_bytes']:>6}  {acc}")
+        print(f"{r['kernel']:<14} {r['impl']:<7} {r['io']:<9} {r['tile']:>7} {r['registers']:>5} {r['stack_bytes']:>6} "
+              f"{r['instructions']:>6}  {acc}")
     nvcc_version = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     result = {"arch": args.arch, "nvcc": nvcc_version, "triton": triton.__version__, "python": platform.python_version(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

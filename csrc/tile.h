@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "kernel_args.h"
 
 // Loops over a tile's elements are unrolled: constant indices keep the tile in registers.
@@ -19,28 +21,26 @@
 
 namespace berdiff {
 
-// A block of kBlock threads walks its range in tiles of kSize = kBlock * kElems elements. Thread j
-// of the tile starting at s holds kElems elements, k < kElems:
-//  - strided (kContiguous false): s + j + k * kBlock. Each of its accesses is coalesced across
-//    the warp on its own: one scalar load per element.
-//  - contiguous: s + j * kElems + k, Triton's blocked layout. A full, aligned tile is one vector
-//    access of kElems * itemsize bytes per thread (up to 16 bytes per instruction).
-template <int kBlock_, int kElems_, bool kContiguous_>
+// A block of kBlock threads walks its range in tiles of kSize = kBlock * kElems elements: thread j
+// of the tile starting at s holds the kElems consecutive elements s + j * kElems + k, k < kElems
+// (Triton's blocked layout). A full, aligned tile is one vector access of kElems * itemsize bytes
+// per thread (up to 16 bytes per instruction). A layout giving thread j the elements
+// s + j + k * kBlock (one coalesced scalar access per element) ran 1.1-1.2x slower on an H100
+// (benchmarks/RESULTS.md) and was removed.
+template <int kBlock_, int kElems_>
 struct Tile {
   static constexpr int kBlock = kBlock_;
   static constexpr int kElems = kElems_;
-  static constexpr bool kContiguous = kContiguous_;
   static constexpr int64_t kSize = static_cast<int64_t>(kBlock_) * kElems_;
-  static constexpr int64_t kStep = kContiguous_ ? 1 : kBlock_;  // between a thread's elements
 
   // First element of thread `thread` of block `block`, in a range starting at `begin`.
   BERDIFF_HD static int64_t first(int64_t begin, int64_t block, int64_t thread) {
-    return begin + block * kSize + thread * (kContiguous_ ? kElems_ : 1);
+    return begin + block * kSize + thread * kElems_;
   }
-  BERDIFF_HD static int64_t at(int64_t i0, int k) { return i0 + k * kStep; }
+  BERDIFF_HD static int64_t at(int64_t i0, int k) { return i0 + k; }
   // All of the thread's elements lie before `end`: unconditional accesses (a bounds check per
   // element would put each access in its own branch).
-  BERDIFF_HD static bool full(int64_t i0, int64_t end) { return i0 + (kElems_ - 1) * kStep < end; }
+  BERDIFF_HD static bool full(int64_t i0, int64_t end) { return i0 + (kElems_ - 1) < end; }
 };
 
 template <typename T, int N>
@@ -52,6 +52,8 @@ template <Dtype D>
 struct DtypeTag {
   static constexpr Dtype value = D;
 };
+// A storage dtype known only at run time (load_tile, store_tile): one switch per tile.
+struct AnyDtype {};
 
 // f(DtypeTag<d>{}): one switch over the storage dtype per tile; inside f the dtype is a constant,
 // so each access folds to one typed load or store.
@@ -170,15 +172,13 @@ BERDIFF_HD bool vector_ok(const void* p, int64_t i0) {
 template <class L, Dtype D, typename T>
 BERDIFF_HD void load_tile_as(const void* p, int64_t i0, int64_t end, Regs<T, L::kElems>& v) {
   if (L::full(i0, end)) {
-    if constexpr (L::kContiguous) {
-      if (vector_ok<L::kElems, D>(p, i0)) {
-        constexpr int kBytes = L::kElems * kItemsize<D>;
-        uint32_t w[kBytes / 4];
-        load_words<kBytes>(static_cast<const char*>(p) + i0 * kItemsize<D>, w);
-        BERDIFF_UNROLL
-        for (int k = 0; k < L::kElems; ++k) v[k] = word_load<T, D>(w, k);
-        return;
-      }
+    if (vector_ok<L::kElems, D>(p, i0)) {
+      constexpr int kBytes = L::kElems * kItemsize<D>;
+      uint32_t w[kBytes / 4];
+      load_words<kBytes>(static_cast<const char*>(p) + i0 * kItemsize<D>, w);
+      BERDIFF_UNROLL
+      for (int k = 0; k < L::kElems; ++k) v[k] = word_load<T, D>(w, k);
+      return;
     }
     BERDIFF_UNROLL
     for (int k = 0; k < L::kElems; ++k) v[k] = load_as<T>(p, D, L::at(i0, k));
@@ -195,15 +195,13 @@ BERDIFF_HD void load_tile_as(const void* p, int64_t i0, int64_t end, Regs<T, L::
 template <class L, Dtype D, typename T>
 BERDIFF_HD void store_tile_as(void* p, int64_t i0, int64_t end, const Regs<T, L::kElems>& v) {
   if (L::full(i0, end)) {
-    if constexpr (L::kContiguous) {
-      if (vector_ok<L::kElems, D>(p, i0)) {
-        constexpr int kBytes = L::kElems * kItemsize<D>;
-        uint32_t w[kBytes / 4] = {};
-        BERDIFF_UNROLL
-        for (int k = 0; k < L::kElems; ++k) word_store<T, D>(w, k, v[k]);
-        store_words<kBytes>(static_cast<char*>(p) + i0 * kItemsize<D>, w);
-        return;
-      }
+    if (vector_ok<L::kElems, D>(p, i0)) {
+      constexpr int kBytes = L::kElems * kItemsize<D>;
+      uint32_t w[kBytes / 4] = {};
+      BERDIFF_UNROLL
+      for (int k = 0; k < L::kElems; ++k) word_store<T, D>(w, k, v[k]);
+      store_words<kBytes>(static_cast<char*>(p) + i0 * kItemsize<D>, w);
+      return;
     }
     BERDIFF_UNROLL
     for (int k = 0; k < L::kElems; ++k) store_as<T>(p, D, L::at(i0, k), v[k]);
@@ -216,42 +214,30 @@ BERDIFF_HD void store_tile_as(void* p, int64_t i0, int64_t end, const Regs<T, L:
   }
 }
 
-template <class L, typename T>
+// The tile of p, storage dtype S::value (S = DtypeTag<D>: no switch) or d (S = AnyDtype).
+template <class L, class S = AnyDtype, typename T>
 BERDIFF_HD void load_tile(const void* p, Dtype d, int64_t i0, int64_t end, Regs<T, L::kElems>& v) {
-  // Bool loads as U8: one case less.
-  visit_dtype(d == Dtype::Bool ? Dtype::U8 : d, [&](auto tag) { load_tile_as<L, decltype(tag)::value>(p, i0, end, v); });
-}
-
-template <class L, typename T>
-BERDIFF_HD void store_tile(void* p, Dtype d, int64_t i0, int64_t end, const Regs<T, L::kElems>& v) {
-  visit_dtype(d, [&](auto tag) { store_tile_as<L, decltype(tag)::value>(p, i0, end, v); });
-}
-
-// ---- the two layouts of the CUDA kernels -------------------------------------------------------
-
-// Per layout, the tile of the elementwise kernels and of the loss's first pass.
-// Strided, four elements per thread: with one, predict_y0 ran at 49% of an H100's copy bandwidth,
-// with four at 73% (benchmarks/RESULTS.md).
-struct StridedTiles {
-  using Ops = Tile<256, 4, false>;
-  using Loss = Tile<512, 4, false>;
-};
-struct ContiguousTiles {  // eight consecutive elements per thread, as Triton's kernels
-  using Ops = Tile<128, 8, true>;
-  using Loss = Tile<256, 8, true>;
-};
-
-enum class TileLayout : int32_t { Strided, Contiguous };
-
-// f(StridedTiles{}) or f(ContiguousTiles{}).
-template <class F>
-inline void visit_layout(TileLayout layout, F&& f) {
-  if (layout == TileLayout::Contiguous) {
-    f(ContiguousTiles{});
+  if constexpr (std::is_same<S, AnyDtype>::value) {
+    // Bool loads as U8: one case less.
+    visit_dtype(d == Dtype::Bool ? Dtype::U8 : d, [&](auto tag) { load_tile_as<L, decltype(tag)::value>(p, i0, end, v); });
   } else {
-    f(StridedTiles{});
+    load_tile_as<L, S::value>(p, i0, end, v);
   }
 }
+
+template <class L, class S = AnyDtype, typename T>
+BERDIFF_HD void store_tile(void* p, Dtype d, int64_t i0, int64_t end, const Regs<T, L::kElems>& v) {
+  if constexpr (std::is_same<S, AnyDtype>::value) {
+    visit_dtype(d, [&](auto tag) { store_tile_as<L, decltype(tag)::value>(p, i0, end, v); });
+  } else {
+    store_tile_as<L, S::value>(p, i0, end, v);
+  }
+}
+
+// The tiles of the CUDA kernels: eight consecutive elements per thread, as Triton's kernels; the
+// loss's first pass in blocks of 256 threads.
+using OpsTile = Tile<128, 8>;
+using LossTile = Tile<256, 8>;
 
 // ---- grids -------------------------------------------------------------------------------------
 
@@ -266,6 +252,17 @@ inline int64_t blocks_for(int64_t n, int64_t per_block) {
 inline int64_t sample_blocks(int64_t npix, int64_t per_block) {
   const int64_t x = (npix + per_block - 1) / per_block;
   return x < 1 ? 1 : (x < 4096 ? x : 4096);
+}
+
+// Grid x of the elementwise per-sample ops (tiles of `tile` elements, grid y = min(batch, 65535)):
+// one tile per thread while the grid is small (the sampler's 16 samples of 128x128: 256 blocks),
+// else up to four. Each thread reads its sample's schedule rows, clamps its times and loads the
+// Philox key once per sample: at one tile per thread that setup was about a fifth of a DDIM
+// step's instructions at 64x1x512x512 (SASS and Nsight Compute, H100).
+inline int64_t elementwise_blocks(int64_t batch, int64_t npix, int64_t tile) {
+  const int64_t one = sample_blocks(npix, tile);
+  const int64_t rows = batch < 65535 ? batch : 65535;
+  return one * rows > 8192 ? sample_blocks(npix, 4 * tile) : one;
 }
 
 }  // namespace berdiff

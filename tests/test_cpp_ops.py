@@ -508,32 +508,45 @@ def _cuda_problem(shape=(5, 1, 67, 71)):
     return sched, l, y, y0, t.repeat(shape[0])[:shape[0]], s.repeat(shape[0])[:shape[0]]
 
 
-# The CUDA kernels' two tile layouts (csrc/tile.h), chosen at launch by BERDIFF_CUDA_TILES.
-TILE_LAYOUTS = ("strided", "contiguous")
+# One element; a prime sample size just over one tile (128 threads x 8); 5 samples of 4757
+# pixels (no multiple of a tile: the scalar path from the second sample on); 128x128 samples
+# (every tile on the vector path); a sample bigger than the grid's 4096 tiles; samples enough
+# for a grid of more than 8192 blocks (several tiles per thread: csrc/tile.h, elementwise_blocks).
+CUDA_SHAPES = [(1, 1, 1, 1), (3, 1, 1, 1031), (5, 1, 67, 71), (2, 1, 128, 128), (1, 1, 2053, 2053),
+               (9001, 1, 1, 1031)]
+# (mask dtype, logits dtype): two of the kernel instances with dtypes fixed at compile time (the
+# sampler's float32 masks; uint8 masks with bfloat16 logits), and one with neither of those, which
+# reads its dtypes at run time (csrc/cuda/berdiff_kernels.cuh, visit_io).
+CUDA_IOS = [(torch.float32, torch.float32), (torch.uint8, torch.bfloat16), (torch.bool, torch.float16)]
 
 
-# One element; a prime sample size just over one tile (256 threads x 4); 5 samples of 4757
-# pixels (no multiple of any tile: the contiguous layout's scalar path from the second sample
-# on); 128x128 samples (every tile on the vector path); a sample bigger than the grid's 4096 tiles.
 @requires_cuda
-@pytest.mark.parametrize("tiles", TILE_LAYOUTS)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 1, 1031), (5, 1, 67, 71), (2, 1, 128, 128),
-                                   (1, 1, 2053, 2053)])
-def test_cuda_matches_cpu_kernels(shape, tiles, monkeypatch):
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_noise_matches_cpu_kernels(shape):
     assert cpp.is_available(torch.device("cuda")), "berdiff_fast._C_cuda is not built"
-    monkeypatch.setenv("BERDIFF_CUDA_TILES", tiles)
-    sched, l, y, y0, t, s = _cuda_problem(shape)
+    sched, _, y, y0, t, _ = _cuda_problem(shape)
     dev = torch.device("cuda")
-    L, Y, Y0, Tt, S = (x.to(dev) for x in (l, y, y0, t, s))
-    u = rng.uniform_like(y, 13, 2**32 - 9).double()
     for dtype in MASK_DTYPES:
         a = cpp.init_noise(y.shape, 13, 2**32 - 9, dev, dtype).cpu()
         assert torch.equal(a, cpp.init_noise(y.shape, 13, 2**32 - 9, CPU, dtype))
-        qa, qb = cpp.q_sample(Y0.to(dtype), Tt, sched, 13, 2**32 - 9), cpp.q_sample(y0.to(dtype), t, sched, 13, 2**32 - 9)
+        qa = cpp.q_sample(y0.to(dev, dtype), t.to(dev), sched, 13, 2**32 - 9)
+        qb = cpp.q_sample(y0.to(dtype), t, sched, 13, 2**32 - 9)
         assert torch.equal(qa[0].cpu(), qb[0]) and torch.equal(qa[1].cpu(), qb[1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("mask_dtype,logit_dtype", CUDA_IOS)
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_steps_and_loss_match_cpu_kernels(shape, mask_dtype, logit_dtype):
+    sched, l, y, y0, t, s = _cuda_problem(shape)
+    l, y, y0 = l.to(logit_dtype), y.to(mask_dtype), y0.to(mask_dtype)
+    dev = torch.device("cuda")
+    L, Y, Y0, Tt, S = (x.to(dev) for x in (l, y, y0, t, s))
+    u = rng.uniform_like(y, 13, 2**32 - 9).double()
     for eta in (0.0, 1.0):
         a = cpp.ddim_step(L, Y, Tt, S, sched, 13, 2**32 - 9, eta, True)
         b = cpp.ddim_step(l, y, t, s, sched, 13, 2**32 - 9, eta, True)
+        assert a[0].dtype == mask_dtype and a[1].dtype == torch.float32
         torch.testing.assert_close(a[1].cpu(), b[1], atol=1e-6, rtol=0)
         _, _, ab_t, flip_t = _gather(sched, t, 4)
         _, _, ab_s, flip_s = _gather(sched, s, 4)
@@ -542,24 +555,22 @@ def test_cuda_matches_cpu_kernels(shape, tiles, monkeypatch):
     a = cpp.ddpm_step(L, Y, Tt, sched, 13, 2**32 - 9, False).cpu()
     b = cpp.ddpm_step(l, y, t, sched, 13, 2**32 - 9, False)
     assert (a != b).float().mean() < 1e-4
-    for ld in (torch.float32, torch.float64, torch.bfloat16):
+    for ld in (logit_dtype, torch.float64):  # float64: the run-time-dtype instance in double
         la, lb = L.detach().to(ld).requires_grad_(), l.detach().to(ld).requires_grad_()
         fa, fb = cpp.loss(la, Y, Y0, Tt, sched), cpp.loss(lb, y, y0, t, sched)
         torch.testing.assert_close(fa.cpu(), fb, rtol=1e-5, atol=1e-5)
         fa.sum().backward()
         fb.sum().backward()
-        torch.testing.assert_close(la.grad.cpu().double(), lb.grad.double(), rtol=1e-2 if ld == torch.bfloat16 else 1e-4,
-                                   atol=1e-7)
+        low = ld in (torch.bfloat16, torch.float16)
+        torch.testing.assert_close(la.grad.cpu().double(), lb.grad.double(), rtol=1e-2 if low else 1e-4, atol=1e-7)
     torch.testing.assert_close(cpp.predict_y0(L, Y).cpu(), cpp.predict_y0(l, y), atol=1e-6, rtol=0)
 
 
 @requires_cuda
-@pytest.mark.parametrize("tiles", TILE_LAYOUTS)
-def test_cuda_misaligned_views(tiles, monkeypatch):
+def test_cuda_misaligned_views():
     """Inputs one element past a vector boundary (views into a bigger buffer) give the CPU
-    kernels' results: the contiguous layout must fall back to scalar accesses there. (Outputs
-    are always fresh, aligned allocations.)"""
-    monkeypatch.setenv("BERDIFF_CUDA_TILES", tiles)
+    kernels' results: the kernels must fall back to scalar accesses there. (Outputs are always
+    fresh, aligned allocations.)"""
     sched, l, y, y0, t, s = _cuda_problem((2, 1, 32, 64))
     dev = torch.device("cuda")
 
@@ -579,14 +590,6 @@ def test_cuda_misaligned_views(tiles, monkeypatch):
         assert torch.equal(qa[0].cpu(), qb[0]) and torch.equal(qa[1].cpu(), qb[1])
     torch.testing.assert_close(cpp.predict_y0(shifted(l, torch.bfloat16), shifted(y, torch.uint8)).cpu(),
                                cpp.predict_y0(l.bfloat16(), y.to(torch.uint8)), atol=1e-6, rtol=0)
-
-
-@requires_cuda
-def test_cuda_tile_layout_is_checked(monkeypatch):
-    monkeypatch.setenv("BERDIFF_CUDA_TILES", "blocked")
-    dev = torch.device("cuda")
-    with pytest.raises(RuntimeError, match="BERDIFF_CUDA_TILES.*strided.*contiguous.*blocked"):
-        cpp.init_noise((4,), 1, 0, dev, torch.uint8)
 
 
 @requires_cuda

@@ -1,5 +1,5 @@
-"""benchmarks/kernels.py on the CPU: a quick run writes real timings for the ops asked, the
-CUDA layout variant is a known implementation, and its environment is restored after use."""
+"""benchmarks/kernels.py on the CPU: a quick run writes real timings for the ops asked, and an
+unknown implementation is refused with the known ones named."""
 import json
 import os
 import sys
@@ -13,17 +13,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import kernels as bench  # noqa: E402
 
 
-def test_environment_sets_and_restores(monkeypatch):
-    monkeypatch.setenv("BERDIFF_BENCH_A", "old")
-    monkeypatch.delenv("BERDIFF_BENCH_B", raising=False)
-    with bench.environment({"BERDIFF_BENCH_A": "new", "BERDIFF_BENCH_B": "set"}):
-        assert os.environ["BERDIFF_BENCH_A"] == "new" and os.environ["BERDIFF_BENCH_B"] == "set"
-    assert os.environ["BERDIFF_BENCH_A"] == "old" and "BERDIFF_BENCH_B" not in os.environ
-
-
 def test_unknown_impl_names_the_choices(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' Triton runs interpreted
-    with pytest.raises(SystemExit, match="cuda_contiguous"):
+    with pytest.raises(SystemExit, match=r"cuda_blocked.*torch, torch\+compile, triton, cuda, cpu"):
         bench.main(["--device", "cpu", "--quick", "--impls", "cuda_blocked"])
 
 

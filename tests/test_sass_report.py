@@ -1,6 +1,6 @@
 """benchmarks/sass_report.py without a GPU: every kernel compiles for sm_90 in every
-implementation, and the report shows what each tile layout is for (vector accesses where the
-layout promises them, none where it does not)."""
+implementation and instance, and the report shows what the fixed-dtype instances are for: 16-byte
+accesses, and a fraction of the code of the instance that switches over dtypes per tile."""
 import json
 import os
 import shutil
@@ -16,25 +16,27 @@ KERNELS = {"q_sample", "init_noise", "ddim_step", "ddpm_step", "predict_y0", "lo
 
 
 @pytest.mark.skipif(not has_nvcc, reason="needs nvcc")
-def test_report_covers_every_kernel_and_layout(tmp_path):
+def test_report_covers_every_kernel_and_instance(tmp_path):
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     subprocess.run([sys.executable, SCRIPT, "--json", str(out)], check=True, env=env, capture_output=True)
     rows = json.loads(out.read_text())["results"]
-    by = {(r["kernel"], r["impl"]): r for r in rows}
-    for impl in ("cuda_strided", "cuda_contiguous", "triton"):
-        assert {k for k, i in by if i == impl} == KERNELS, impl
-    assert ("loss_finish", "cuda") in by
+    by = {(r["kernel"], r["impl"], r["io"]): r for r in rows}
+    assert {k for k, impl, _ in by if impl == "triton"} == KERNELS
+    assert ("loss_finish", "cuda", "-") in by
     for kernel in KERNELS:
-        strided, contiguous = by[(kernel, "cuda_strided")], by[(kernel, "cuda_contiguous")]
-        assert not any(".128" in a for a in strided["accesses"]), kernel  # one scalar access per element
-        assert strided["tile"] == ("512x4" if kernel == "loss_partial" else "256x4")
-        assert all(r["registers"] > 0 and r["local_bytes"] == 0 for r in (strided, contiguous))
-    # 8 float32 elements per thread are two 16-byte accesses: the contiguous layout and Triton
-    # (given the runtime's alignment hints) load logits that way.
-    for impl in ("cuda_contiguous", "triton"):
-        assert by[("ddim_step", impl)]["accesses"].get("LDG.128", 0) >= 2, impl
-    assert by[("q_sample", "triton")]["accesses"].get("STG.64", 0) >= 1  # 8 uint8 masks, one store
+        mask_only = kernel in ("q_sample", "init_noise")
+        ios = ("any", "u8", "f32") if mask_only else ("any", "u8/f32", "u8/bf16", "f32/f32", "f32/bf16")
+        assert {io for k, impl, io in by if k == kernel and impl == "cuda"} == set(ios), kernel
+        rs = [by[(kernel, "cuda", io)] for io in ios]
+        assert all(r["registers"] > 0 and r["local_bytes"] == 0 and r["tile"] in ("128x8", "256x8") for r in rs)
+        fixed = by[(kernel, "cuda", "u8" if mask_only else "u8/f32")]
+        assert fixed["instructions"] < 0.7 * by[(kernel, "cuda", "any")]["instructions"], kernel
+    # 8 float32 elements per thread are two 16-byte accesses: the CUDA kernels and Triton (given
+    # the runtime's alignment hints) load logits that way; 8 uint8 masks are one 8-byte store.
+    for impl in ("cuda", "triton"):
+        assert by[("ddim_step", impl, "u8/f32")]["accesses"].get("LDG.128", 0) >= 2, impl
+        assert by[("q_sample", impl, "u8")]["accesses"].get("STG.64", 0) >= 1, impl
 
 
 def test_interpreter_is_refused(tmp_path):

@@ -6,9 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../op_setup.h"
 #include "../ops.h"
 #include "berdiff_kernels.cuh"
@@ -22,18 +19,6 @@ void check_cuda(const char* name, const at::Tensor& x) {
 
 cudaStream_t stream_of(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 
-// The kernels' tile layout (tile.h), from BERDIFF_CUDA_TILES at each launch: "strided" (the
-// default) or "contiguous" (Triton's layout, with vector loads). Both draw the same stream and
-// give the same masks (the loss sums in another order); the variable exists so that one
-// benchmark run can time both (benchmarks/kernels.py).
-TileLayout tile_layout() {
-  const char* v = std::getenv("BERDIFF_CUDA_TILES");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "strided") == 0) return TileLayout::Strided;
-  TORCH_CHECK(std::strcmp(v, "contiguous") == 0, "BERDIFF_CUDA_TILES: expected \"strided\" or \"contiguous\", got \"",
-              v, "\"");
-  return TileLayout::Contiguous;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& y0, const at::Tensor& t, const at::Tensor& table,
@@ -43,9 +28,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& y0, const at:
   setup::QSample p = setup::q_sample(y0, t, table, seed, offset);
   if (p.y0.numel() == 0) return {p.y_t, p.eps};
   if (p.a.compute == Dtype::F64) {
-    cuda::launch_q_sample<double>(p.a, tile_layout(), stream_of(p.y0));
+    cuda::launch_q_sample<double>(p.a, stream_of(p.y0));
   } else {
-    cuda::launch_q_sample<float>(p.a, tile_layout(), stream_of(p.y0));
+    cuda::launch_q_sample<float>(p.a, stream_of(p.y0));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {p.y_t, p.eps};
@@ -57,7 +42,7 @@ void init_noise_cuda(at::Tensor& out, const at::Tensor& seed, const at::Tensor& 
   const OpArgs a = setup::init_noise(out, seed, offset);
   const int64_t n = out.numel();
   if (n == 0) return;
-  cuda::launch_init_noise(a, n, tile_layout(), stream_of(out));
+  cuda::launch_init_noise(a, n, stream_of(out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -71,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& logits, const at:
   setup::Step p = setup::step(logits, y_t, t, s, table, seed, offset, eta, return_y0);
   if (p.y_t.numel() == 0) return {p.y, p.y0_hat};
   if (p.a.compute == Dtype::F64) {
-    cuda::launch_step<double>(p.a, s != nullptr, tile_layout(), stream_of(p.y_t));
+    cuda::launch_step<double>(p.a, s != nullptr, stream_of(p.y_t));
   } else {
-    cuda::launch_step<float>(p.a, s != nullptr, tile_layout(), stream_of(p.y_t));
+    cuda::launch_step<float>(p.a, s != nullptr, stream_of(p.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {p.y, p.y0_hat};
@@ -100,9 +85,9 @@ at::Tensor predict_y0_cuda(const at::Tensor& logits, const at::Tensor& y_t) {
   const int64_t n = p.y_t.numel();
   if (n == 0) return p.out;
   if (p.a.compute == Dtype::F64) {
-    cuda::launch_predict_y0<double>(p.a, n, tile_layout(), stream_of(p.y_t));
+    cuda::launch_predict_y0<double>(p.a, n, stream_of(p.y_t));
   } else {
-    cuda::launch_predict_y0<float>(p.a, n, tile_layout(), stream_of(p.y_t));
+    cuda::launch_predict_y0<float>(p.a, n, stream_of(p.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return p.out;
@@ -115,12 +100,11 @@ at::Tensor loss_cuda(const at::Tensor& logits, const at::Tensor& y_t, const at::
   setup::Loss in = setup::loss(logits, y_t, y0, t, table);
   at::Tensor out = setup::loss_forward(in);
   if (in.a.batch == 0) return out;
-  const TileLayout layout = tile_layout();
-  at::Tensor partials = at::empty({in.a.batch, cuda::loss_slices(in.a, layout)}, in.y_t.options().dtype(at::kDouble));
+  at::Tensor partials = at::empty({in.a.batch, cuda::loss_slices(in.a)}, in.y_t.options().dtype(at::kDouble));
   if (in.cd == at::kDouble) {
-    cuda::launch_loss<double>(in.a, partials.data_ptr<double>(), layout, stream_of(in.y_t));
+    cuda::launch_loss<double>(in.a, partials.data_ptr<double>(), stream_of(in.y_t));
   } else {
-    cuda::launch_loss<float>(in.a, partials.data_ptr<double>(), layout, stream_of(in.y_t));
+    cuda::launch_loss<float>(in.a, partials.data_ptr<double>(), stream_of(in.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -134,9 +118,9 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, 
   at::Tensor out = setup::loss_backward(in, grad);
   if (in.logits.numel() == 0) return out;
   if (in.cd == at::kDouble) {
-    cuda::launch_loss_backward<double>(in.a, tile_layout(), stream_of(in.y_t));
+    cuda::launch_loss_backward<double>(in.a, stream_of(in.y_t));
   } else {
-    cuda::launch_loss_backward<float>(in.a, tile_layout(), stream_of(in.y_t));
+    cuda::launch_loss_backward<float>(in.a, stream_of(in.y_t));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -1,5 +1,5 @@
 // The CUDA kernels' tiles (csrc/tile.h) on the host: every element of a range is visited exactly
-// once under both layouts and every grid the launchers choose, and a tile's loads and stores
+// once under every grid the launchers choose, and a tile's loads and stores
 // (the vector path included) equal load_as / store_as element by element in every storage dtype,
 // at every alignment, for full and partial tiles, touching nothing outside the tile.
 #include <cstdio>
@@ -20,13 +20,13 @@ uint64_t mix(uint64_t x) {  // splitmix64: the test's deterministic fill
   return x ^ (x >> 31);
 }
 
-// Every element of B samples of npix (per-sample grid) or of one flat range is visited once.
+// Every element of B samples of npix (per-sample grid: `grid` blocks along each sample) or of one
+// flat range is visited once.
 template <class L>
-void check_cover(const char* name, int64_t batch, int64_t npix, bool per_sample) {
+void check_cover(const char* name, int64_t batch, int64_t npix, bool per_sample, int64_t grid) {
   const int64_t n = batch * npix;
   std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
   const int64_t ranges = per_sample ? batch : 1, len = per_sample ? npix : n;
-  const int64_t grid = per_sample ? sample_blocks(npix, L::kSize) : blocks_for(n, L::kSize);
   int64_t bad = 0;
   for (int64_t r = 0; r < ranges; ++r) {
     const int64_t begin = r * len, end = begin + len;
@@ -49,19 +49,23 @@ void check_cover(const char* name, int64_t batch, int64_t npix, bool per_sample)
   }
   int64_t wrong = 0;
   for (uint8_t s : seen) wrong += s != 1;
-  CHECK(bad == 0 && wrong == 0, "%s B=%lld npix=%lld %s: %lld out of range, %lld not visited exactly once", name,
-        static_cast<long long>(batch), static_cast<long long>(npix), per_sample ? "per-sample" : "flat",
-        static_cast<long long>(bad), static_cast<long long>(wrong));
+  CHECK(bad == 0 && wrong == 0, "%s B=%lld npix=%lld grid %lld %s: %lld out of range, %lld not visited exactly once",
+        name, static_cast<long long>(batch), static_cast<long long>(npix), static_cast<long long>(grid),
+        per_sample ? "per-sample" : "flat", static_cast<long long>(bad), static_cast<long long>(wrong));
 }
 
 template <class L>
 void check_covers(const char* name) {
   const int64_t shapes[][2] = {{1, 1}, {3, 1}, {1, 7}, {5, 1031}, {2, 4096}, {3, 16384}, {1, 2053 * 2053},
                                // beyond the 4096-block cap of a sample's grid: grid-stride
-                               {1, 4096 * L::kSize + 1031}};
+                               {1, 4096 * L::kSize + 1031},
+                               // grids of more than 8192 blocks: up to four tiles per thread
+                               {9000, 1031}, {40, 262144}, {64, 262144 + 13}};
   for (const auto& s : shapes) {
-    check_cover<L>(name, s[0], s[1], true);
-    check_cover<L>(name, s[0], s[1], false);
+    // the grids of the launchers: the loss's first pass, the elementwise ops, the flat ops
+    check_cover<L>(name, s[0], s[1], true, sample_blocks(s[1], L::kSize));
+    check_cover<L>(name, s[0], s[1], true, elementwise_blocks(s[0], s[1], L::kSize));
+    check_cover<L>(name, s[0], s[1], false, blocks_for(s[0] * s[1], L::kSize));
   }
 }
 
@@ -92,7 +96,7 @@ void fill(void* p, int64_t len, uint64_t seed) {
 
 template <class L, Dtype D>
 void check_access(const char* name) {
-  constexpr int64_t kSpan = (L::kElems - 1) * L::kStep + 1;  // first to last element of a tile
+  constexpr int64_t kSpan = L::kElems;  // first to last element of a tile
   constexpr int64_t kLen = kSpan + 2 * L::kElems + 5;
   for (int shift = 0; shift < 16; shift += kItemsize<D>) {  // torch never misaligns an element
     for (int64_t i0 = 0; i0 + kSpan <= kLen; ++i0) {
@@ -101,7 +105,7 @@ void check_access(const char* name) {
         Buffer src(kLen * kItemsize<D>, shift, 17 + i0);
         fill<D>(src.data(), kLen, 99 + static_cast<uint64_t>(shift));
         Regs<double, L::kElems> got;
-        load_tile<L, double>(src.data(), D, i0, end, got);
+        load_tile<L>(src.data(), D, i0, end, got);
         int bad = 0;
         for (int k = 0; k < L::kElems; ++k) {
           const int64_t i = L::at(i0, k);
@@ -112,14 +116,14 @@ void check_access(const char* name) {
         Buffer dst(kLen * kItemsize<D>, shift, 5 + end), ref(kLen * kItemsize<D>, shift, 5 + end);
         Regs<double, L::kElems> v;
         for (int k = 0; k < L::kElems; ++k) v[k] = (k % 3 == 0 ? 1.0 : 0.0) + (kItemsize<D> == 1 ? 0.0 : 0.37 * k - 1.0);
-        store_tile<L, double>(dst.data(), D, i0, end, v);
+        store_tile<L>(dst.data(), D, i0, end, v);
         for (int k = 0; k < L::kElems; ++k) {
           if (L::at(i0, k) < end) store_as<double>(ref.data(), D, L::at(i0, k), v[k]);
         }
         bad += !dst.same(ref);
         CHECK(bad == 0, "%s dtype %d shift %d i0 %lld end %lld: %d mismatches (vector path %s)", name,
               static_cast<int>(D), shift, static_cast<long long>(i0), static_cast<long long>(end), bad,
-              L::kContiguous && L::full(i0, end) && vector_ok<L::kElems, D>(src.data(), i0) ? "taken" : "not taken");
+              L::full(i0, end) && vector_ok<L::kElems, D>(src.data(), i0) ? "taken" : "not taken");
       }
     }
   }
@@ -146,21 +150,45 @@ void check_vector_taken(const char* name) {
         static_cast<long long>(missed));
 }
 
+// The fixed-dtype tiles (load_tile<L, DtypeTag<D>>, the CUDA kernels' common instances) equal
+// the run-time dispatch on every alignment and end.
+template <class L, Dtype D>
+void check_fixed(const char* name) {
+  constexpr int64_t kLen = 3 * L::kElems + 5;
+  for (int shift = 0; shift < 16; shift += kItemsize<D>) {
+    for (int64_t i0 = 0; i0 + L::kElems <= kLen; ++i0) {
+      for (int64_t end = i0 + 1; end <= i0 + L::kElems + 1 && end <= kLen; ++end) {
+        Buffer src(kLen * kItemsize<D>, shift, 41 + i0);
+        fill<D>(src.data(), kLen, 7 + static_cast<uint64_t>(shift));
+        Regs<float, L::kElems> any, fixed;
+        load_tile<L>(src.data(), D, i0, end, any);
+        load_tile<L, DtypeTag<D>>(src.data(), Dtype::F64, i0, end, fixed);  // the run-time dtype is ignored
+        Buffer a(kLen * kItemsize<D>, shift, 3 + end), b(kLen * kItemsize<D>, shift, 3 + end);
+        store_tile<L>(a.data(), D, i0, end, any);
+        store_tile<L, DtypeTag<D>>(b.data(), Dtype::F64, i0, end, fixed);
+        CHECK(std::memcmp(any, fixed, sizeof any) == 0 && a.same(b), "%s dtype %d shift %d i0 %lld end %lld: fixed != run-time",
+              name, static_cast<int>(D), shift, static_cast<long long>(i0), static_cast<long long>(end));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
-  check_covers<StridedTiles::Ops>("strided ops");
-  check_covers<StridedTiles::Loss>("strided loss");
-  check_covers<ContiguousTiles::Ops>("contiguous ops");
-  check_covers<ContiguousTiles::Loss>("contiguous loss");
+  check_covers<OpsTile>("ops");
+  check_covers<LossTile>("loss");
 
-  check_accesses<ContiguousTiles::Ops>("contiguous ops");
-  check_accesses<Tile<32, 4, true>>("contiguous x4");
-  check_accesses<Tile<8, 4, false>>("strided x4");
+  check_accesses<OpsTile>("ops");
+  check_accesses<Tile<32, 4>>("x4");
 
-  check_vector_taken<ContiguousTiles::Ops, Dtype::U8>("contiguous ops");
-  check_vector_taken<ContiguousTiles::Ops, Dtype::BF16>("contiguous ops");
-  check_vector_taken<ContiguousTiles::Ops, Dtype::F32>("contiguous ops");
-  check_vector_taken<ContiguousTiles::Ops, Dtype::F64>("contiguous ops");
+  check_fixed<OpsTile, Dtype::U8>("ops");
+  check_fixed<OpsTile, Dtype::BF16>("ops");
+  check_fixed<OpsTile, Dtype::F32>("ops");
+
+  check_vector_taken<OpsTile, Dtype::U8>("ops");
+  check_vector_taken<OpsTile, Dtype::BF16>("ops");
+  check_vector_taken<OpsTile, Dtype::F32>("ops");
+  check_vector_taken<OpsTile, Dtype::F64>("ops");
   return berdiff_test::finish("test_tile");
 }
