@@ -236,7 +236,7 @@ def _sample(args: argparse.Namespace) -> int:
     inputs = Path(args.inputs)
     if not inputs.exists():
         raise FileNotFoundError(f"{inputs}: no such file or directory (the inputs to segment)")
-    loaded = list(load_inputs(inputs, model.image_channels, crop=args.crop, geometry=True))
+    loaded = list(load_inputs(inputs, model.image_channels, crop=args.crop, geometry=True, nifti_norm=args.nifti_norm))
     if not loaded:
         raise ValueError(f"{inputs}: no images found")
     items = [(name, img) for name, img, _ in loaded]
@@ -323,6 +323,7 @@ def _sample(args: argparse.Namespace) -> int:
                         "grid: its affine, and its full H x W with 0 outside a --crop (a PNG input: identity affine)"
                if want_nifti else None,
                "crop": args.crop,
+               "nifti_norm": args.nifti_norm if any(geo is not None for _, _, geo in loaded) else None,
                "outputs": written}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"sampled {len(items)} image(s) x {k} mask(s); wrote {out}")
@@ -495,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crop", type=_positive_int, help="centre-crop inputs to this size (e.g. 128 for 180x180 crops)")
     s.add_argument("--format", choices=("auto", "png", "nifti", "both"), default="auto",
                    help="output format (default: auto = PNG, plus NIfTI for NIfTI inputs)")
+    s.add_argument("--nifti-norm", choices=("zscore", "none"), default="zscore",
+                   help="how NIfTI voxels become image values: zscore (default: per volume and channel over the "
+                        "nonzero voxels, as BRATS training images) or none (the stored values: for volumes already "
+                        "scaled as the model's training images, e.g. [0, 1] for a model trained on LIDC PNGs)")
     s.add_argument("--no-figure", action="store_true", help="skip the overlay figures")
     _add_sampling_args(s)
     s.set_defaults(func=_sample)

@@ -172,6 +172,14 @@ def test_sample_nifti_volume_gives_volumes(trained, tmp_path):
     assert masks.shape == (16, 16, 3, 2) and sal.shape == (16, 16, 3)
     np.testing.assert_allclose(sal, masks.mean(-1), atol=1e-6)
     assert (out / "scan_z000" / "mask_00.png").is_file()  # auto format: PNG as well
+    assert json.loads((out / "summary.json").read_text())["nifti_norm"] == "zscore"
+    # --nifti-norm none: the stored voxel values reach the model, and the summary says so
+    raw = tmp_path / "raw"
+    assert main(["sample", str(trained / "checkpoint.safetensors"), str(tmp_path / "scan.nii.gz"), "--out", str(raw),
+                 "--k", "2", "--steps", "2", "--no-progress", "--no-figure", "--nifti-norm", "none"]) == 0
+    assert json.loads((raw / "summary.json").read_text())["nifti_norm"] == "none"
+    probs = [nib.load(str(d / "scan_probs.nii.gz")).get_fdata() for d in (out, raw)]
+    assert not np.allclose(probs[0], probs[1])  # same seed, other inputs
 
 
 def test_sample_nifti_outputs_overlay_the_input(trained, tmp_path):

@@ -15,6 +15,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from berdiff_fast.data import (BraTS, DataError, LIDC, assign_split, draw_annotation,  # noqa: E402
                                load_inputs, read_pickle_chunked, zscore_nonzero)
+from berdiff_fast.data.brats import find_modality  # noqa: E402
 from berdiff_fast.data.inputs import VolumeGeometry  # noqa: E402
 
 LIDC_FRACTIONS = (0.70, 0.15, 0.15)
@@ -505,6 +506,23 @@ def test_brats_case_split_and_cache(tmp_path):
     assert seen == set(sum(cases.values(), []))
 
 
+def test_brats_modality_names_ignore_case(tmp_path):
+    train = _names_in("train", "BraTS2021_{:05d}", BRATS_FRACTIONS, 1)
+    vols, seg = make_brats_case(tmp_path, train[0], (20, 20, 9))
+    folder = tmp_path / train[0]
+    for key, new in (("flair", "FLAIR.nii.gz"), ("t1", "T1.NII.GZ"), ("seg", "Seg.nii.gz")):
+        (folder / f"{train[0]}_{key}.nii.gz").rename(folder / f"{train[0]}_{new}")
+    assert find_modality(folder, "t1").name == f"{train[0]}_T1.NII.GZ"  # not the t1ce file
+    item = BraTS(tmp_path, **SMALL)[0]
+    z = int(item["name"][-3:])
+    np.testing.assert_array_equal(item["masks"][0].numpy(), seg[2:-2, 2:-2, z] > 0)
+    got = list(load_inputs(folder, channels=4))
+    np.testing.assert_allclose(got[3][1][3], zscore_nonzero(vols[3])[:, :, 3], rtol=1e-6)
+    (folder / f"{train[0]}_flair.nii").write_bytes(b"")  # a second flair file, its name in lower case
+    with pytest.raises(DataError, match="several files for 'flair'"):
+        find_modality(folder, "flair")
+
+
 def test_brats_errors(tmp_path):
     train = _names_in("train", "BraTS2021_{:05d}", BRATS_FRACTIONS, 3)
     # a missing modality
@@ -599,6 +617,8 @@ def test_load_inputs_png_nifti_and_folders(tmp_path):
     two = list(load_inputs(tmp_path / "vol4.nii", channels=2))
     assert len(two) == 3 and two[0][1].shape == (2, 10, 12)
     np.testing.assert_allclose(two[1][1][1], norm[:, :, 1], rtol=1e-6, atol=1e-6)  # z-score is scale-free
+    raw = list(load_inputs(tmp_path / "vol4.nii", channels=2, nifti_norm="none"))  # the stored values
+    np.testing.assert_array_equal(raw[2][1], np.stack([vol, 2 * vol])[:, :, :, 2])
     # a folder of files, in name order
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "pngs" / "c.nii.gz"))
     names = [n for n, _ in load_inputs(tmp_path / "pngs", channels=1)]
@@ -633,6 +653,8 @@ def test_load_inputs_errors(tmp_path):
         list(load_inputs(tmp_path / "v.nii.gz", channels=4))
     with pytest.raises(ValueError, match="channels: expected a positive int"):
         load_inputs(tmp_path / "v.nii.gz", channels=0)
+    with pytest.raises(ValueError, match=r"nifti_norm: expected one of \('zscore', 'none'\), got 'minmax'"):
+        load_inputs(tmp_path / "v.nii.gz", channels=1, nifti_norm="minmax")
 
 
 def test_load_inputs_suffixes_ignore_case(tmp_path):

@@ -44,8 +44,10 @@ def _nibabel():
 
 
 def find_modality(folder: Path, key: str) -> Path | None:
-    """The one file ``*_<key>.nii.gz`` (or ``.nii``) in a case folder; None when absent."""
-    hits = sorted(p for suffix in NIFTI_SUFFIXES for p in folder.glob(f"*_{key}{suffix}"))
+    """The one file ``*_<key>.nii.gz`` (or ``.nii``) in a case folder, its name matched ignoring
+    case (``*_FLAIR.nii.gz`` and ``*_t1.NII.GZ`` occur in converted releases); None when absent."""
+    ends = tuple(f"_{key}{suffix}" for suffix in NIFTI_SUFFIXES)
+    hits = sorted(p for p in folder.iterdir() if p.name.lower().endswith(ends) and p.is_file())
     if len(hits) > 1:
         raise DataError(f"{folder}: several files for {key!r}: {', '.join(p.name for p in hits)}")
     return hits[0] if hits else None

@@ -2,8 +2,10 @@
 
 Images are prepared as the training data are: a PNG is read as matplotlib reads it (8-bit / 255,
 16-bit / 65535, the LIDC convention); a NIfTI volume is normalised per channel by a z-score over
-its nonzero voxels (the BRATS convention, ``zscore_nonzero``) and cut into axial slices
-(array axis 2), array axes 0 and 1 being H and W. File suffixes are matched ignoring case.
+its nonzero voxels (the BRATS convention, ``zscore_nonzero``; ``nifti_norm="none"`` keeps the
+stored values instead, for volumes already scaled as a model's training images, e.g. to [0, 1]
+for a model trained on LIDC's PNG crops) and cut into axial slices (array axis 2), array axes 0
+and 1 being H and W. File suffixes are matched ignoring case.
 
 Each NIfTI slice can carry its volume's :class:`VolumeGeometry` (``load_inputs(...,
 geometry=True)``), which puts per-slice outputs back onto the input's voxel grid: the centre
@@ -23,6 +25,7 @@ from ._common import (DataError, centre_crop, check_crop, check_path, crop_offse
 from .brats import MODALITIES, NIFTI_SUFFIXES, check_same_grid, find_modality, read_nifti_image
 
 PNG_SUFFIXES = (".png",)
+NIFTI_NORMS = ("zscore", "none")
 
 
 @dataclass
@@ -99,9 +102,10 @@ def _png(path: Path, channels: int, crop: int | None):
     yield _stem(path), np.ascontiguousarray(centre_crop(image, crop), dtype=np.float32), None
 
 
-def _volume_slices(path: Path, name: str, vols: list[np.ndarray], header, crop: int | None):
+def _volume_slices(path: Path, name: str, vols: list[np.ndarray], header, crop: int | None, nifti_norm: str):
     """Normalise each channel volume (H, W, D) and yield its axial slices (C, H, W) with the geometry."""
-    norm = np.stack([zscore_nonzero(v) for v in vols])  # (C, H, W, D)
+    norm = np.stack([zscore_nonzero(v) if nifti_norm == "zscore" else v.astype(np.float32)
+                     for v in vols])  # (C, H, W, D)
     _check_size(path, norm[..., 0], crop)
     h, w, d = vols[0].shape
     geometry = VolumeGeometry(name, (h, w, d), crop_offset(h, w, crop), header)
@@ -109,7 +113,7 @@ def _volume_slices(path: Path, name: str, vols: list[np.ndarray], header, crop: 
         yield f"{name}_z{z:03d}", np.ascontiguousarray(centre_crop(norm[..., z], crop), dtype=np.float32), geometry
 
 
-def _nifti(path: Path, channels: int, crop: int | None):
+def _nifti(path: Path, channels: int, crop: int | None, nifti_norm: str):
     data, img = read_nifti_image(path)
     if not np.issubdtype(data.dtype, np.number) or not np.isfinite(data).all():
         raise DataError(f"{path}: expected finite numeric voxels")
@@ -122,20 +126,21 @@ def _nifti(path: Path, channels: int, crop: int | None):
     if len(vols) != channels:
         raise DataError(f"{path}: a volume with {len(vols)} channel(s) cannot give the {channels} input "
                         f"channels expected")
-    yield from _volume_slices(path, _stem(path), vols, img.header, crop)
+    yield from _volume_slices(path, _stem(path), vols, img.header, crop, nifti_norm)
 
 
-def _brats_case(folder: Path, crop: int | None):
+def _brats_case(folder: Path, crop: int | None, nifti_norm: str):
     files = [find_modality(folder, k) for k in MODALITIES]
     vols, imgs = zip(*(read_nifti_image(f) for f in files))
     for f, v in zip(files, vols):
         if v.ndim != 3:
             raise DataError(f"{f}: expected a 3-D volume (H, W, D), got shape {v.shape}")
     check_same_grid(files, [v.shape for v in vols], [img.affine for img in imgs])
-    yield from _volume_slices(folder, folder.name, list(vols), imgs[0].header, crop)
+    yield from _volume_slices(folder, folder.name, list(vols), imgs[0].header, crop, nifti_norm)
 
 
-def load_inputs(path, channels: int, *, crop: int | None = None, geometry: bool = False) -> Iterator[tuple]:
+def load_inputs(path, channels: int, *, crop: int | None = None, geometry: bool = False,
+                nifti_norm: str = "zscore") -> Iterator[tuple]:
     """Yield (name, image (C, H, W) float32) pairs from ``path``.
 
     Args:
@@ -148,31 +153,36 @@ def load_inputs(path, channels: int, *, crop: int | None = None, geometry: bool 
         crop: optional centre crop to crop x crop (128 for 180 x 180 lidc_crops, 224 for BRATS).
         geometry: yield (name, image, geometry) triples instead, geometry the slice's
             :class:`VolumeGeometry` (one object shared by the slices of a volume) or None for a PNG.
+        nifti_norm: how NIfTI voxels become image values: "zscore" (per volume and channel over
+            the nonzero voxels, background 0: how BRATS training images are prepared) or "none"
+            (the stored values, as float32). PNGs are always scaled to [0, 1].
 
     Names: the file stem for a PNG, ``<stem>_z<zzz>`` for a NIfTI slice. The path is checked when
     this is called; the files are read lazily, one at a time, as the iterator is consumed.
     """
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels: expected a positive int, got {channels!r}")
+    if nifti_norm not in NIFTI_NORMS:
+        raise ValueError(f"nifti_norm: expected one of {NIFTI_NORMS}, got {nifti_norm!r}")
     crop = check_crop(crop)
     path = check_path(path)
     if path.is_dir():
         if channels == len(MODALITIES) and all(find_modality(path, k) is not None for k in MODALITIES):
-            items = _brats_case(path, crop)
+            items = _brats_case(path, crop, nifti_norm)
         else:
             files = sorted(p for p in path.iterdir() if p.is_file() and (_is_png(p) or _is_nifti(p)))
             if not files:
                 raise DataError(f"{path}: no PNG or NIfTI (.nii, .nii.gz) files in this folder")
-            items = _files(files, channels, crop)
+            items = _files(files, channels, crop, nifti_norm)
     elif _is_png(path):
         items = _png(path, channels, crop)
     elif _is_nifti(path):
-        items = _nifti(path, channels, crop)
+        items = _nifti(path, channels, crop, nifti_norm)
     else:
         raise DataError(f"{path}: unsupported input (expected a .png, .nii or .nii.gz file, or a folder of them)")
     return items if geometry else ((name, image) for name, image, _ in items)
 
 
-def _files(files: list[Path], channels: int, crop: int | None):
+def _files(files: list[Path], channels: int, crop: int | None, nifti_norm: str):
     for f in files:
-        yield from (_png(f, channels, crop) if _is_png(f) else _nifti(f, channels, crop))
+        yield from (_png(f, channels, crop) if _is_png(f) else _nifti(f, channels, crop, nifti_norm))
