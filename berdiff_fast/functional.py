@@ -10,6 +10,8 @@ Two families:
   ``loss``): one call each, same signature on every backend, random draws from the shared
   Philox stream keyed by (seed, offset). ``backend=None`` picks automatically (see
   ``berdiff_fast.backends``); the ``BERDIFF_BACKEND`` environment variable overrides that.
+  Float outputs are float64 when an input is float64, else float32; the torch and C++ backends
+  then compute in float64 too, the Triton kernels always in float32.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from . import _checks as check
 from . import backends, reference
+from .backends import compute_dtype
 from .schedule import NoiseSchedule
 
 
@@ -24,10 +27,6 @@ def _schedule(sched) -> NoiseSchedule:
     if not isinstance(sched, NoiseSchedule):
         raise ValueError(f"sched: expected a NoiseSchedule, got {type(sched).__name__}")
     return sched
-
-
-def _float_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def _masks(y_t, t, sched, **others):
@@ -58,7 +57,7 @@ def theta_post(y_t: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, sched: Nois
     """Eq. 4: P(y_{t-1} = 1 | y_t, y_0); y_0 may be a soft probability map."""
     t = _masks(y_t, t, sched, y0=y0)
     check.probability("y0", y0)
-    cd = _float_dtype(y_t, y0)
+    cd = compute_dtype(y_t, y0)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
     return reference.theta_post(y_t.to(cd), y0.to(cd), a_t, bh_t, ab_prev, flip_prev)
@@ -68,7 +67,7 @@ def calibrate(y_t: torch.Tensor, eps_prob: torch.Tensor, t: torch.Tensor, sched:
     """Eq. 7: mu_hat = theta_post(y_t, |y_t - eps_hat|) from the flip probability eps_hat."""
     t = _masks(y_t, t, sched, eps_prob=eps_prob)
     check.probability("eps_prob", eps_prob)
-    cd = _float_dtype(y_t, eps_prob)
+    cd = compute_dtype(y_t, eps_prob)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
     return reference.calibrate(y_t.to(cd), eps_prob.to(cd), a_t, bh_t, ab_prev, flip_prev)
@@ -80,7 +79,7 @@ def ddim_prob(y_t, eps_prob, t, s, sched: NoiseSchedule, eta: float = 1.0) -> to
     s = _jump_target(s, t, sched)
     check.probability("eps_prob", eps_prob)
     eta = check.eta(eta)
-    cd = _float_dtype(y_t, eps_prob)
+    cd = compute_dtype(y_t, eps_prob)
     _, _, ab_t, flip_t = sched.gather(t, y_t.ndim, cd)
     _, _, ab_s, flip_s = sched.gather(s, y_t.ndim, cd)
     y0_hat = reference.predict_y0(y_t.to(cd), eps_prob.to(cd))
@@ -92,7 +91,7 @@ def loss_terms(logits, y_t, y0, t, sched: NoiseSchedule) -> dict[str, torch.Tens
     t = _masks(y_t, t, sched, y0=y0, logits=logits)
     check.binary("y0", y0)
     _logits(logits)
-    cd = _float_dtype(logits, y_t, y0)
+    cd = compute_dtype(logits, y_t, y0)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
     return reference.loss_terms(logits.to(cd), y_t.to(cd), y0.to(cd), t == 1, a_t, bh_t, ab_prev, flip_prev)

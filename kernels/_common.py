@@ -79,11 +79,6 @@ def key_arg(value: int, tensor: torch.Tensor | None):
     return (tensor, True) if tensor is not None else (value, False)
 
 
-def out_float_dtype(*xs: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (the torch backend's rule)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 # --- device functions ------------------------------------------------------------------------
 
 @triton.jit

@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
+from berdiff_fast.backends import compute_dtype
 from berdiff_fast.schedule import COL_ALPHA, COL_ALPHA_BAR, COL_BETA_HALF, COL_FLIP
 
-from ._common import (BLOCK, NUM_WARPS, define_op, launch, load_mask, log1p, out_float_dtype,
-                      sample_block, sigmoid_pair)
+from ._common import BLOCK, NUM_WARPS, define_op, launch, load_mask, log1p, sample_block, sigmoid_pair
 
 LN2 = math.log(2.0)
 
@@ -123,14 +123,14 @@ _COLS = dict(COL_ALPHA=COL_ALPHA, COL_BETA_HALF=COL_BETA_HALF, COL_ALPHA_BAR=COL
 
 
 def _loss_fake(logits, y_t, y0, t, table):
-    return logits.new_empty((logits.shape[0],), dtype=out_float_dtype(logits, y_t, y0))
+    return logits.new_empty((logits.shape[0],), dtype=compute_dtype(logits, y_t, y0))
 
 
 @define_op("loss", _loss_fake)
 def loss_op(logits: torch.Tensor, y_t: torch.Tensor, y0: torch.Tensor, t: torch.Tensor,
             table: torch.Tensor) -> torch.Tensor:
     """Per-sample loss (B,) in bits: float32, float64 when an input is float64."""
-    dtype = out_float_dtype(logits, y_t, y0)
+    dtype = compute_dtype(logits, y_t, y0)
     batch = logits.shape[0]
     if batch == 0:
         return logits.new_empty((0,), dtype=dtype)

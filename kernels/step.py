@@ -9,11 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
+from berdiff_fast.backends import compute_dtype
 from berdiff_fast.schedule import COL_ALPHA, COL_ALPHA_BAR, COL_BETA_HALF, COL_FLIP
 
-from ._common import (BLOCK, NUM_WARPS, define_op, key_arg, launch, load_key, load_mask,
-                      out_float_dtype, per_sample_grid, sample_block, sigmoid_pair, split_key,
-                      store_mask, uniform)
+from ._common import (BLOCK, NUM_WARPS, define_op, key_arg, launch, load_key, load_mask, per_sample_grid,
+                      sample_block, sigmoid_pair, split_key, store_mask, uniform)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -98,7 +98,7 @@ def _predict_y0_kernel(
 
 def _outputs(logits, y_t, return_y0):
     y0_shape = y_t.shape if return_y0 else (0,)
-    return torch.empty_like(y_t), y_t.new_empty(y0_shape, dtype=out_float_dtype(logits, y_t))
+    return torch.empty_like(y_t), y_t.new_empty(y0_shape, dtype=compute_dtype(logits, y_t))
 
 
 def _launch_step(logits, y_t, t, s, table, eta, seed, offset, seed_t, offset_t, return_y0, is_ddim):
@@ -142,12 +142,12 @@ def ddim_step_op(logits: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor, s: to
 
 
 def _predict_y0_fake(logits, y_t):
-    return torch.empty_like(logits, dtype=out_float_dtype(logits, y_t))
+    return torch.empty_like(logits, dtype=compute_dtype(logits, y_t))
 
 
 @define_op("predict_y0", _predict_y0_fake)
 def predict_y0_op(logits: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(logits, dtype=out_float_dtype(logits, y_t))
+    out = torch.empty_like(logits, dtype=compute_dtype(logits, y_t))
     numel = out.numel()
     if numel:
         launch(_predict_y0_kernel)[(triton.cdiv(numel, BLOCK),)](

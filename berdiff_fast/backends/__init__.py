@@ -32,6 +32,13 @@ _MODULES = {
 ENV_VAR = "BERDIFF_BACKEND"
 
 
+def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype of the float outputs (y0_hat, the loss) of every backend: float64 when any input is
+    float64, else float32. The torch and C++ backends also compute in it; Triton's kernels compute
+    in float32 throughout."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
 _loaded: dict[str, ModuleType | None] = {}
 
 

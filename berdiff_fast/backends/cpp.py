@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from . import compute_dtype
+
 try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.berdiff and the CPU kernels)
 except ImportError as exc:  # not built, or built against another torch
@@ -50,11 +52,6 @@ def is_available(device: torch.device) -> bool:
     return False
 
 
-def _cdtype(*xs: torch.Tensor) -> torch.dtype:
-    """The compute type of the kernels: float64 when any input is float64, else float32."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 def _rng_key(value) -> torch.Tensor:
     """A seed or offset as the ops take it: a one-element int64 tensor (an int wraps mod 2**64)."""
     if isinstance(value, torch.Tensor):
@@ -66,7 +63,7 @@ def _rng_key(value) -> torch.Tensor:
 # --- the backend contract (berdiff_fast.backends) ---------------------------------------------
 
 def q_sample(y0, t, sched, seed, offset):
-    table = sched.table(y0.device, _cdtype(y0))
+    table = sched.table(y0.device, compute_dtype(y0))
     y_t, eps = torch.ops.berdiff.q_sample(y0, t, table, _rng_key(seed), _rng_key(offset))
     return y_t, eps
 
@@ -82,20 +79,20 @@ def predict_y0(logits, y_t):
 
 
 def ddpm_step(logits, y_t, t, sched, seed, offset, return_y0):
-    table = sched.table(y_t.device, _cdtype(logits, y_t))
+    table = sched.table(y_t.device, compute_dtype(logits, y_t))
     y, y0_hat = torch.ops.berdiff.ddpm_step(logits, y_t, t, table, _rng_key(seed), _rng_key(offset), return_y0)
     return (y, y0_hat) if return_y0 else y
 
 
 def ddim_step(logits, y_t, t, s, sched, seed, offset, eta, return_y0):
-    table = sched.table(y_t.device, _cdtype(logits, y_t))
+    table = sched.table(y_t.device, compute_dtype(logits, y_t))
     y, y0_hat = torch.ops.berdiff.ddim_step(logits, y_t, t, s, table, _rng_key(seed), _rng_key(offset),
                                             float(eta), return_y0)
     return (y, y0_hat) if return_y0 else y
 
 
 def loss(logits, y_t, y0, t, sched):
-    table = sched.table(y_t.device, _cdtype(logits, y_t, y0))
+    table = sched.table(y_t.device, compute_dtype(logits, y_t, y0))
     return torch.ops.berdiff.loss(logits, y_t, y0, t, table)
 
 
@@ -113,7 +110,7 @@ def _register() -> None:
         return None
 
     def _step_fake(logits, y_t, return_y0):
-        cd = _cdtype(logits, y_t)
+        cd = compute_dtype(logits, y_t)
         return y_t.new_empty(y_t.shape), y_t.new_empty(y_t.shape if return_y0 else (0,), dtype=cd)
 
     @torch.library.register_fake(f"{lib}::ddpm_step")
@@ -126,11 +123,11 @@ def _register() -> None:
 
     @torch.library.register_fake(f"{lib}::predict_y0")
     def _predict_y0_fake(logits, y_t):
-        return y_t.new_empty(y_t.shape, dtype=_cdtype(logits, y_t))
+        return y_t.new_empty(y_t.shape, dtype=compute_dtype(logits, y_t))
 
     @torch.library.register_fake(f"{lib}::loss")
     def _loss_fake(logits, y_t, y0, t, table):
-        return logits.new_empty((logits.shape[0],), dtype=_cdtype(logits, y_t, y0))
+        return logits.new_empty((logits.shape[0],), dtype=compute_dtype(logits, y_t, y0))
 
     @torch.library.register_fake(f"{lib}::loss_backward")
     def _loss_backward_fake(grad, logits, y_t, y0, t, table):

@@ -8,18 +8,15 @@ from __future__ import annotations
 import torch
 
 from .. import reference, rng
+from . import compute_dtype
 
 
 def is_available(device: torch.device) -> bool:
     return True
 
 
-def _cdtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 def q_sample(y0, t, sched, seed, offset):
-    cd = _cdtype(y0)
+    cd = compute_dtype(y0)
     _, _, _, flip_t = sched.gather(t, y0.ndim, cd)
     y_t, eps = reference.q_sample(y0.to(cd), flip_t, rng.uniform_like(y0, seed, offset))
     return y_t.to(y0.dtype), eps.to(y0.dtype)
@@ -34,12 +31,12 @@ def init_noise(shape, seed, offset, device, dtype):
 
 
 def predict_y0(logits, y_t):
-    cd = _cdtype(logits, y_t)
+    cd = compute_dtype(logits, y_t)
     return reference.predict_y0_from_logits(y_t.to(cd), logits.to(cd))[0]
 
 
 def ddpm_step(logits, y_t, t, sched, seed, offset, return_y0):
-    cd = _cdtype(logits, y_t)
+    cd = compute_dtype(logits, y_t)
     a_t, bh_t, _, _ = sched.gather(t, y_t.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, y_t.ndim, cd)
     yt, l = y_t.to(cd), logits.to(cd)
@@ -49,7 +46,7 @@ def ddpm_step(logits, y_t, t, sched, seed, offset, return_y0):
 
 
 def ddim_step(logits, y_t, t, s, sched, seed, offset, eta, return_y0):
-    cd = _cdtype(logits, y_t)
+    cd = compute_dtype(logits, y_t)
     _, _, ab_t, flip_t = sched.gather(t, y_t.ndim, cd)
     _, _, ab_s, flip_s = sched.gather(s, y_t.ndim, cd)
     yt, l = y_t.to(cd), logits.to(cd)
@@ -59,7 +56,7 @@ def ddim_step(logits, y_t, t, s, sched, seed, offset, eta, return_y0):
 
 
 def loss(logits, y_t, y0, t, sched):
-    cd = _cdtype(logits, y_t, y0)
+    cd = compute_dtype(logits, y_t, y0)
     a_t, bh_t, _, _ = sched.gather(t, logits.ndim, cd)
     _, _, ab_prev, flip_prev = sched.gather(t - 1, logits.ndim, cd)
     return reference.loss_terms(logits.to(cd), y_t.to(cd), y0.to(cd), t == 1,
