@@ -53,7 +53,7 @@ PY
 step build 200 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 # GPU_CHECK_TESTS narrows the test files (e.g. to tests/test_cpp_ops.py after a csrc-only change).
 read -r -a TESTS <<< "${GPU_CHECK_TESTS:-tests/test_rng.py tests/test_kernels_triton.py tests/test_cpp_ops.py tests/test_fast_sampler.py}"
-step cuda_tests 150 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "not slow" "${TESTS[@]}" -k "cuda or CUDA"
+step cuda_tests 210 $PY -m pytest -q -rfE --durations=5 -p no:cacheprovider -m "not slow" "${TESTS[@]}" -k "cuda or CUDA"
 step kernels 120 $PY benchmarks/kernels.py --impls triton cuda --repeats 9 --json "$OUT/kernels.json"
 # Bool masks: the CUDA kernels' instance that reads its dtypes at run time (berdiff_kernels.cuh, visit_io).
 step kernels_bool 60 $PY benchmarks/kernels.py --impls triton cuda --mask-dtype bool --ops q_sample ddim_step \
