@@ -5,9 +5,8 @@
 For each op and shape it times: ``torch`` (the eager reference backend), ``torch+compile``
 (the same mathematics through torch.compile, uniforms drawn eagerly: see CompiledReference) and
 every fused backend that runs here (``triton`` and ``cuda`` on a GPU, ``cpu`` on CPU), each
-through its backend module (the functional API's
-argument checks, which synchronise, are left out; ``--validate`` times the functional API
-instead). Times are medians over ``--repeats`` measurements of ``--inner`` back-to-back calls.
+through its backend module (the functional API's argument checks, which synchronise, are left
+out; ``--validate`` times the functional API instead). Times are medians over ``--repeats`` measurements of ``--inner`` back-to-back calls.
 
 On CUDA it also measures the device-to-device copy bandwidth in the same run and reports each
 op's effective bandwidth (the bytes it must read and write, divided by its time) as a fraction

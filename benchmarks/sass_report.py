@@ -15,8 +15,9 @@ of every global load and store of each Bernoulli kernel.
 
 Counts are static (each instruction of the SASS once, whichever branch it is on): the "any"
 instances list the accesses of every dtype, the others those of their own dtypes with the scalar
-paths of partial and misaligned tiles beside the vector ones; what matters is which widths occur. Needs nvcc ($CUDA_HOME/bin or PATH); cuobjdump is
-taken from there or from Triton's bundled tools.
+paths of partial and misaligned tiles beside the vector ones; what matters is which widths occur.
+Needs nvcc ($CUDA_HOME/bin or PATH) and c++filt; cuobjdump is taken from there or from Triton's
+bundled tools.
 """
 from __future__ import annotations
 
