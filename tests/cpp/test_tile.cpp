@@ -1,7 +1,8 @@
 // The CUDA kernels' tiles (csrc/tile.h) on the host: every element of a range is visited exactly
-// once under every grid the launchers choose, and a tile's loads and stores
-// (the vector path included) equal load_as / store_as element by element in every storage dtype,
-// at every alignment, for full and partial tiles, touching nothing outside the tile.
+// once under every grid the launchers choose, and a tile's loads and stores (the vector path
+// included, with the dtype fixed at compile time or read at run time) equal load_as / store_as
+// element by element in every storage dtype, at every alignment, for full and partial tiles,
+// touching nothing outside the tile.
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -166,8 +167,9 @@ void check_fixed(const char* name) {
         Buffer a(kLen * kItemsize<D>, shift, 3 + end), b(kLen * kItemsize<D>, shift, 3 + end);
         store_tile<L>(a.data(), D, i0, end, any);
         store_tile<L, DtypeTag<D>>(b.data(), Dtype::F64, i0, end, fixed);
-        CHECK(std::memcmp(any, fixed, sizeof any) == 0 && a.same(b), "%s dtype %d shift %d i0 %lld end %lld: fixed != run-time",
-              name, static_cast<int>(D), shift, static_cast<long long>(i0), static_cast<long long>(end));
+        CHECK(std::memcmp(any, fixed, sizeof any) == 0 && a.same(b),
+              "%s dtype %d shift %d i0 %lld end %lld: fixed != run-time", name, static_cast<int>(D), shift,
+              static_cast<long long>(i0), static_cast<long long>(end));
       }
     }
   }
