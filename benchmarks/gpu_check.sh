@@ -4,7 +4,7 @@
 # the U-Net profile, latency and training benchmarks.
 #   bash benchmarks/gpu_check.sh OUT_DIR            # GPU_CHECK_BUDGET=460 seconds by default
 #   GPU_CHECK_STEPS=build,cuda_tests,kernels bash benchmarks/gpu_check.sh OUT_DIR   # some steps only
-#   GPU_CHECK_STEPS=build,ncu_kernels ...   # optional steps (ncu_kernels) run only when named
+#   GPU_CHECK_STEPS=build,ncu_kernels ...   # optional steps (ncu_kernels, latency_autotune) run only when named
 # Steps run in order of importance, each cut at its own limit and at what is left of the
 # budget, so the whole script ends inside it. Output: OUT_DIR/log.txt (every step's log), one
 # JSON per benchmark (written as they go, so a cut run keeps what it measured) and
@@ -74,6 +74,11 @@ optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 
   --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
   --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda --ops q_sample ddim_step \
   --shape 64x1x512x512 --repeats 1 --inner 1
+# Optional, for issue #5: the library's CUDA compile mode, whose tuning takes minutes at the first
+# call (reported as first_call_seconds). Give it a call of its own with a larger budget:
+#   GPU_CHECK_BUDGET=540 GPU_CHECK_STEPS=build,latency_autotune bash benchmarks/gpu_check.sh OUT
+optional_step latency_autotune 480 env BERDIFF_COMPILE_MODE=max-autotune-no-cudagraphs $PY benchmarks/latency.py \
+  --preset lidc --k 16 --steps 50 --repeats 5 --modes graph --json "$OUT/latency_autotune.json"
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
   --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
 step latency_s10 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 \
@@ -121,9 +126,10 @@ for f in sorted(glob.glob(os.path.join(out, "latency_*.json"))):
     for mode, v in r["results"].items():
         sp = v.get("speedup_vs_original") or 0
         fl = v.get("fraction_of_flop_floor") or 0
-        tag = "+cudnn.benchmark" if r.get("cudnn_benchmark") else ""
+        tag = ("+cudnn.benchmark" if r.get("cudnn_benchmark") else "") + \
+            ("" if r.get("compile_mode") == "default" else f" [{r.get('compile_mode')}]")
         print(f"latency steps={r['steps']:<3} {mode + tag:24s} {v['seconds_per_image'] * 1e3:8.1f} ms/image  x{sp:6.1f}  "
-              f"floor {fl:5.2f}  {v.get('peak_memory_gb', 0):.2f} GB")
+              f"floor {fl:5.2f}  {v.get('peak_memory_gb', 0):.2f} GB  first call {v.get('first_call_seconds', 0):.0f} s")
 f = os.path.join(out, "train_step.json")
 if os.path.exists(f):
     for r in json.load(open(f))["results"]:
