@@ -30,12 +30,17 @@ inline at::ScalarType compute_type(std::initializer_list<const at::Tensor*> xs) 
   return at::kFloat;
 }
 
+// The dtypes a mask is stored in: bool, uint8, float16, bfloat16, float32, float64.
+inline bool is_mask_dtype(at::ScalarType st) {
+  return st == at::kBool || st == at::kByte || st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
+         st == at::kDouble;
+}
+
 // A mask: bool, uint8, float16, bfloat16, float32 or float64, on `device`, at least 1-D.
 inline void mask(const char* name, const at::Tensor& x, const at::Device& device) {
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kByte || st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
-                  st == at::kDouble,
-              name, ": expected a mask of dtype bool, uint8, float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(is_mask_dtype(st), name,
+              ": expected a mask of dtype bool, uint8, float16, bfloat16, float32 or float64, got ", st);
   TORCH_CHECK(x.dim() >= 1, name, ": expected shape [B, ...], got a 0-dim tensor");
   TORCH_CHECK(x.device() == device, name, ": on ", x.device(), ", expected ", device);
 }

@@ -58,8 +58,7 @@ inline QSample q_sample(const at::Tensor& y0_in, const at::Tensor& t_in, const a
 inline OpArgs init_noise(at::Tensor& out, const at::Tensor& seed, const at::Tensor& offset) {
   const at::Device dev = out.device();
   const auto st = out.scalar_type();
-  TORCH_CHECK(st == at::kBool || st == at::kByte || st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
-                  st == at::kDouble,
+  TORCH_CHECK(checks::is_mask_dtype(st),
               "out: expected a mask dtype (bool, uint8, float16, bfloat16, float32, float64), got ", st);
   TORCH_CHECK(out.is_contiguous(), "out: expected a contiguous tensor (the draw follows its flat index)");
   checks::rng_key("seed", seed, dev);
