@@ -521,6 +521,13 @@ def test_brats_modality_names_ignore_case(tmp_path):
     (folder / f"{train[0]}_flair.nii").write_bytes(b"")  # a second flair file, its name in lower case
     with pytest.raises(DataError, match="several files for 'flair'"):
         find_modality(folder, "flair")
+    # a case whose file names are all upper case is found as a case too
+    upper, ref = tmp_path / "upper", tmp_path / "ref"
+    for root in (upper, ref):
+        make_brats_case(root, train[0], (20, 20, 9))
+    for f in (upper / train[0]).iterdir():
+        f.rename(f.with_name(f.name.upper()))
+    assert len(BraTS(upper, **SMALL)) == len(BraTS(ref, **SMALL)) > 0
 
 
 def test_brats_errors(tmp_path):

@@ -43,11 +43,17 @@ def _nibabel():
     return optional_import("nibabel", "reading NIfTI files")
 
 
-def find_modality(folder: Path, key: str) -> Path | None:
-    """The one file ``*_<key>.nii.gz`` (or ``.nii``) in a case folder, its name matched ignoring
-    case (``*_FLAIR.nii.gz`` and ``*_t1.NII.GZ`` occur in converted releases); None when absent."""
+def _modality_files(folder: Path, key: str) -> list[Path]:
+    """The files ``*_<key>.nii.gz`` (or ``.nii``) of a case folder, their names matched ignoring
+    case (``*_FLAIR.nii.gz`` and ``*_t1.NII.GZ`` occur in converted releases), sorted."""
     ends = tuple(f"_{key}{suffix}" for suffix in NIFTI_SUFFIXES)
-    hits = sorted(p for p in folder.iterdir() if p.name.lower().endswith(ends) and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(ends) and p.is_file())
+
+
+def find_modality(folder: Path, key: str) -> Path | None:
+    """The one file ``*_<key>.nii.gz`` (or ``.nii``) in a case folder, matched ignoring case;
+    None when absent."""
+    hits = _modality_files(folder, key)
     if len(hits) > 1:
         raise DataError(f"{folder}: several files for {key!r}: {', '.join(p.name for p in hits)}")
     return hits[0] if hits else None
@@ -102,10 +108,11 @@ def check_same_grid(files: list[Path], shapes: list[tuple[int, ...]], affines: l
 
 
 def case_folders(root: Path) -> list[Path]:
-    """Sub-folders of ``root`` holding at least one ``*_seg`` or modality NIfTI file, sorted."""
+    """Sub-folders of ``root`` holding at least one ``*_seg`` or modality NIfTI file (names in any
+    case, as find_modality), sorted."""
     out = []
     for p in sorted(root.iterdir()):
-        if p.is_dir() and any(any(p.glob(f"*_{k}{s}")) for k in MODALITIES + ("seg",) for s in NIFTI_SUFFIXES):
+        if p.is_dir() and any(_modality_files(p, k) for k in MODALITIES + ("seg",)):
             out.append(p)
     return out
 
