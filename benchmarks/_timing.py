@@ -1,4 +1,5 @@
-"""The timer the GPU benchmarks share: medians of CUDA-event (or wall-clock) measurements."""
+"""The timer the GPU benchmarks share: medians of CUDA-event (or wall-clock) measurements, and
+the CUDA-graph capture whose replays they time."""
 from __future__ import annotations
 
 import statistics
@@ -33,3 +34,19 @@ def time_call(fn, device, repeats: int, inner: int) -> float:
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
     return statistics.median(samples)
+
+
+def capture(fn, device, warmup: int = 1, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` back-to-back calls of ``fn``, after ``warmup`` calls on a side
+    stream (capture needs its allocations and lazy initialisation done beforehand)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph

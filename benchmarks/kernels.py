@@ -30,7 +30,7 @@ from berdiff_fast import backends, reference, rng
 from berdiff_fast import functional as F
 from berdiff_fast.backends import torch_ref
 from berdiff_fast.schedule import COL_ALPHA, COL_ALPHA_BAR, COL_BETA_HALF, COL_FLIP, NoiseSchedule
-from _timing import time_call  # benchmarks/, the script's folder, is on sys.path
+from _timing import capture, time_call  # benchmarks/, the script's folder, is on sys.path
 
 SHAPES = [(16, 1, 128, 128), (64, 1, 512, 512)]
 QUICK_SHAPES = [(4, 1, 32, 32), (16, 1, 128, 128)]
@@ -188,15 +188,7 @@ def time_graph(fn, device, repeats: int, inner: int) -> float | None:
     """Median seconds per call of ``inner`` calls captured in one CUDA graph; None if the calls
     cannot be captured (e.g. a host-to-device copy inside)."""
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()  # warm up on the side stream, as capture requires
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
+        graph = capture(fn, device, warmup=1, calls=inner)
     except Exception:  # noqa: BLE001 - any capture failure just means "not capturable"
         return None
     return time_call(graph.replay, device, repeats, 1) / inner

@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import berdiff_fast as bf
-from _timing import time_call  # benchmarks/, the script's folder, is on sys.path
+from _timing import capture, time_call  # benchmarks/, the script's folder, is on sys.path
 
 VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "eager", "compiled_cudnn_bench", "compiled_cdt",
             "compiled_autotune")
@@ -86,19 +86,6 @@ def build(variant, model, dtype):
     if variant == "compiled_autotune":
         return torch.compile(net, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
     return torch.compile(net, fullgraph=True, dynamic=False)
-
-
-def capture(fn, warmup=3):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def breakdown(fn, iters=3):
@@ -198,7 +185,7 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize()
         compile_seconds = time.perf_counter() - start
         first_out = out if first_out is None else first_out
-        g = capture(fwd)
+        g = capture(fwd, dev, warmup=3)
         sec = time_call(g.replay, dev, args.repeats, inner=10)
         cats, top = breakdown(fwd)
         conv_ms = cats["conv"]
