@@ -61,10 +61,11 @@ step kernels_bool 60 $PY benchmarks/kernels.py --impls triton cuda --mask-dtype 
 # The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
-# Where the U-Net's time goes (kernel categories), with weights in NCHW and in channels_last;
+# Where the U-Net's time goes (kernel categories): as compiled, with the concatenations as
+# plain torch.cat (before unet.cat_channels), and with cuDNN's algorithm timing (as the graph sampler);
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)
-step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_cl}" \
+step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_nchw_cat,compiled_cudnn_bench}" \
   --dump-code "$CODE" --json "$OUT/profile_unet.json"
 [ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
 # Optional, for issue #4's remaining gap: hardware counters (Nsight Compute) of the DDIM step and
@@ -74,19 +75,17 @@ optional_step ncu_kernels 150 "${NCU:-ncu}" --clock-control none --launch-count 
   --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
   --csv --log-file "$OUT/ncu_kernels.csv" $PY benchmarks/kernels.py --impls triton cuda --ops q_sample ddim_step \
   --shape 64x1x512x512 --repeats 1 --inner 1
-# Optional, for issue #5: the library's CUDA compile mode, whose tuning takes minutes at the first
-# call (reported as first_call_seconds). Give it a call of its own with a larger budget:
-#   GPU_CHECK_BUDGET=540 GPU_CHECK_STEPS=build,latency_autotune bash benchmarks/gpu_check.sh OUT
-optional_step latency_autotune 480 env BERDIFF_COMPILE_MODE=max-autotune-no-cudagraphs $PY benchmarks/latency.py \
-  --preset lidc --k 16 --steps 50 --repeats 5 --modes graph --json "$OUT/latency_autotune.json"
 step latency_s50 150 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
-  --modes original,eager,compiled,graph --json "$OUT/latency_s50.json"
+  --modes "${GPU_CHECK_S50_MODES:-original,eager,compiled,graph}" --json "$OUT/latency_s50.json"
 step latency_s10 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 10 --repeats 5 \
   --modes original,compiled,graph --json "$OUT/latency_s10.json"
 step train_step 60 $PY benchmarks/train_step.py --device cuda --quick --json "$OUT/train_step.json"
-# Does letting cuDNN time its algorithms speed up the U-Net? (same shapes, graph mode only)
-step latency_s50_cudnn 90 $PY benchmarks/latency.py --preset lidc --k 16 --steps 50 --repeats 5 \
-  --modes graph --cudnn-benchmark --json "$OUT/latency_s50_cudnn.json"
+# Optional, for issue #5: the library's CUDA compile mode, whose tuning takes minutes at the first
+# call (reported as first_call_seconds). Last, so that it gets what is left of the budget;
+# or a call of its own:
+#   GPU_CHECK_BUDGET=540 GPU_CHECK_STEPS=build,latency_autotune bash benchmarks/gpu_check.sh OUT
+optional_step latency_autotune 480 env BERDIFF_COMPILE_MODE=max-autotune-no-cudagraphs $PY benchmarks/latency.py \
+  --preset lidc --k 16 --steps 50 --repeats 5 --modes graph --json "$OUT/latency_autotune.json"
 
 echo
 echo "== gpu_check summary: $(sed -n 2p "$LOG") =="

@@ -79,7 +79,8 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 dense peak for the FLOP floor (CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="set torch.backends.cudnn.benchmark (cuDNN times its algorithms at the first call)")
+                   help="set torch.backends.cudnn.benchmark (cuDNN times its algorithms at the first call); "
+                        "the graph mode does so while capturing in any case")
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--quick", action="store_true", help="CPU, tiny preset, k 16, 10 steps, 3 repeats")
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers torch.ops.prims.inductor_force_stride_order)
 import torch.nn.functional as F
 from torch import nn
 
@@ -83,6 +84,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)``, stored channels_last when Inductor compiles it.
+
+    Inductor lowers a two-input cat to a pointwise kernel whose layout it chooses later, and the
+    GroupNorm that reads the cat reshapes it to (N, groups, -1), which fixes that layout as NCHW
+    while the convolutions around it run NHWC. Each decoder block then wrote its cat NCHW and
+    read it back transposed (RESULTS.md: the slowest Inductor kernel of the lidc U-Net on an
+    H100). Fixing the strides at the cat keeps the whole block NHWC. Eager, and wherever autograd
+    records (the prim has no derivative): a plain cat.
+    """
+    out = torch.cat(tensors, dim=1)
+    if torch.compiler.is_compiling() and out.dim() == 4 and not out.requires_grad:
+        _, c, _, w = out.shape
+        out = torch.ops.prims.inductor_force_stride_order(out, [out[0].numel(), 1, w * c, c])
+    return out
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -202,14 +220,14 @@ class UNet(nn.Module):
     def forward(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """y_t (B,1,H,W), image (B,C,H,W), t (B,) paper time -> logits (B,1,H,W) of eps_hat."""
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
-        h = torch.cat([y_t.to(image.dtype), image], dim=1)
+        h = cat_channels([y_t.to(image.dtype), image])
         skips = []
         for level in self.input_blocks:
             h = level(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for level in self.output_blocks:
-            h = level(torch.cat([h, skips.pop()], dim=1), emb)
+            h = level(cat_channels([h, skips.pop()]), emb)
         return self.out(h)
 
 
