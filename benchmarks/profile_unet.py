@@ -13,9 +13,11 @@ the memory-bound glue between them.
 
 Variants: compiled (Inductor, the sampler's configuration), compiled_cl (weights converted to
 channels_last before compiling), compiled_bf16w (weights stored in bf16, so no per-forward
-weight casts), eager (bf16 autocast, no compile), compiled_cudnn_bench
-(torch.backends.cudnn.benchmark on while compiling and warming up), compiled_cdt (Inductor's
-coordinate-descent tuning of its Triton kernels' block sizes), compiled_autotune (mode
+weight casts), compiled_bf16w_cl (both: Inductor then has no weight to cast or transpose at all;
+the sampler's compiled U-Net runs 150 such kernels per lidc forward), eager (bf16 autocast, no
+compile), compiled_cudnn_bench (torch.backends.cudnn.benchmark on while compiling and warming
+up), compiled_cdt (Inductor's coordinate-descent tuning of its Triton kernels' block sizes),
+compiled_autotune (mode
 max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too),
 compiled_nchw_cat (the U-Net's concatenations as plain torch.cat, before unet.cat_channels).
 The first call's time (compilation, tuning) is reported as compile_seconds, and each variant's
@@ -43,8 +45,8 @@ import berdiff_fast as bf
 import berdiff_fast.unet as unet_module
 from _timing import capture, time_call  # benchmarks/, the script's folder, is on sys.path
 
-VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "eager", "compiled_cudnn_bench", "compiled_cdt",
-            "compiled_autotune", "compiled_nchw_cat")
+VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "compiled_bf16w_cl", "eager", "compiled_cudnn_bench",
+            "compiled_cdt", "compiled_autotune", "compiled_nchw_cat")
 DEFAULT_VARIANTS = ("compiled", "compiled_cl")
 CATEGORIES = ("conv", "gemm", "attention", "inductor", "layout", "other")
 
@@ -75,11 +77,11 @@ def counted_flops(model, y, x, t):
 
 def build(variant, model, dtype):
     net = model.unet
-    if variant in ("compiled_cl", "compiled_bf16w"):  # changed in place: copy
+    if variant in ("compiled_cl", "compiled_bf16w", "compiled_bf16w_cl"):  # changed in place: copy
         net = copy.deepcopy(net)
-    if variant == "compiled_cl":
+    if variant in ("compiled_cl", "compiled_bf16w_cl"):
         net = net.to(memory_format=torch.channels_last)
-    if variant == "compiled_bf16w":
+    if variant in ("compiled_bf16w", "compiled_bf16w_cl"):
         net = net.to(dtype)
     if variant == "eager":
         return net
@@ -180,7 +182,7 @@ def main(argv=None) -> dict:
         # change would make the compiled forward's guards fail and recompile.
         unet_module.cat_channels = (lambda ts: torch.cat(ts, dim=1)) if variant == "compiled_nchw_cat" else cat_channels
         net = build(variant, model, dtype)
-        xv = x.to(dtype) if variant == "compiled_bf16w" else x
+        xv = x.to(dtype) if variant.startswith("compiled_bf16w") else x
 
         def fwd(net=net, xv=xv):
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype):

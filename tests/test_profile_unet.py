@@ -63,3 +63,12 @@ def test_variants_leave_the_model_alone():
         net = profile_unet.build(variant, model, torch.bfloat16)
         assert net._orig_mod is not model.unet
     assert {k: (v.dtype, v.stride()) for k, v in model.state_dict().items()} == before
+
+
+def test_weight_variants_convert_a_copy():
+    model = bf.BerDiff.from_preset("tiny").eval()
+    net = profile_unet.build("compiled_bf16w_cl", model, torch.bfloat16)._orig_mod
+    w = net.input_blocks[0][0].weight
+    assert w.dtype == torch.bfloat16 and w.is_contiguous(memory_format=torch.channels_last)
+    orig = model.unet.input_blocks[0][0].weight
+    assert orig.dtype == torch.float32 and orig.is_contiguous()
