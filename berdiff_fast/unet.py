@@ -11,9 +11,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch._inductor.inductor_prims  # noqa: F401  (registers torch.ops.prims.inductor_force_stride_order)
 import torch.nn.functional as F
 from torch import nn
+
+try:  # Inductor's own prim (its freezing pass uses it): a layout requirement it honours
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the op)
+    _force_stride_order = torch.ops.prims.inductor_force_stride_order
+except (ImportError, AttributeError):
+    _force_stride_order = None
 
 
 @dataclass
@@ -91,15 +96,17 @@ def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     Inductor lowers a two-input cat to a pointwise kernel whose layout it chooses later, and the
     GroupNorm that reads the cat reshapes it to (N, groups, -1), which fixes that layout as NCHW
-    while the convolutions around it run NHWC. Each decoder block then wrote its cat NCHW and
-    read it back transposed (RESULTS.md: the slowest Inductor kernel of the lidc U-Net on an
-    H100). Fixing the strides at the cat keeps the whole block NHWC. Eager, and wherever autograd
-    records (the prim has no derivative): a plain cat.
+    while the convolutions around it run NHWC. Each decoder block then wrote its cat NCHW, read
+    it back transposed and wrote an NHWC copy for its skip convolution. Fixing the strides at the
+    cat keeps the block NHWC (lidc, 16 rows, H200: 8.18 instead of 9.03 ms per forward; see
+    benchmarks/RESULTS.md). Eager, and wherever autograd records (the prim has no derivative):
+    a plain cat.
     """
     out = torch.cat(tensors, dim=1)
-    if torch.compiler.is_compiling() and out.dim() == 4 and not out.requires_grad:
+    if _force_stride_order is not None and torch.compiler.is_compiling() and out.dim() == 4 \
+            and not out.requires_grad:
         _, c, _, w = out.shape
-        out = torch.ops.prims.inductor_force_stride_order(out, [out[0].numel(), 1, w * c, c])
+        out = _force_stride_order(out, [out[0].numel(), 1, w * c, c])
     return out
 
 
