@@ -129,7 +129,8 @@ for f in sorted(glob.glob(os.path.join(out, "latency_*.json"))):
         tag = ("+cudnn.benchmark" if r.get("cudnn_benchmark") else "") + \
             ("" if r.get("compile_mode") == "default" else f" [{r.get('compile_mode')}]")
         print(f"latency steps={r['steps']:<3} {mode + tag:24s} {v['seconds_per_image'] * 1e3:8.1f} ms/image  x{sp:6.1f}  "
-              f"floor {fl:5.2f}  {v.get('peak_memory_gb', 0):.2f} GB  first call {v.get('first_call_seconds', 0):.0f} s")
+              f"floor {fl:5.2f}  {v.get('peak_memory_gb', 0):.2f} GB  first call {v.get('first_call_seconds', 0):.0f} s  "
+              f"ops {r.get('backend')}")  # not triton: the package was not installed (build step)
 f = os.path.join(out, "train_step.json")
 if os.path.exists(f):
     for r in json.load(open(f))["results"]:
