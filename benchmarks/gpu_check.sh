@@ -61,12 +61,12 @@ step kernels_bool 60 $PY benchmarks/kernels.py --impls triton cuda --mask-dtype 
 # The torch-free CMake core on the GPU: ctest's test_cuda_kernels runs the CUDA kernels against the CPU ones.
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
-# Where the U-Net's time goes (kernel categories): as compiled, with the concatenations as
-# plain torch.cat (before unet.cat_channels), with cuDNN's algorithm timing (as the graph sampler),
-# and with the weights stored in bf16 and channels_last (no per-forward weight casts);
+# Where the U-Net's time goes (kernel categories), in profile_unet.py's default variants (or
+# GPU_CHECK_PROFILE's): as compiled, with the concatenations as plain torch.cat, with cuDNN's
+# algorithm timing (as the graph sampler), with the weights stored in bf16 and channels_last;
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)
-step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py --variants "${GPU_CHECK_PROFILE:-compiled,compiled_nchw_cat,compiled_cudnn_bench,compiled_bf16w_cl}" \
+step profile_unet ${GPU_CHECK_PROFILE_LIMIT:-170} $PY benchmarks/profile_unet.py ${GPU_CHECK_PROFILE:+--variants "$GPU_CHECK_PROFILE"} \
   --dump-code "$CODE" --json "$OUT/profile_unet.json"
 [ -n "$(ls -A "$CODE")" ] && tar czf "$OUT/inductor_code.tgz" -C "$CODE" .
 # Optional, for issue #4's remaining gap: hardware counters (Nsight Compute) of the DDIM step and

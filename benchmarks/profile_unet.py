@@ -47,7 +47,7 @@ from _timing import capture, time_call  # benchmarks/, the script's folder, is o
 
 VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "compiled_bf16w_cl", "eager", "compiled_cudnn_bench",
             "compiled_cdt", "compiled_autotune", "compiled_nchw_cat")
-DEFAULT_VARIANTS = ("compiled", "compiled_cl")
+DEFAULT_VARIANTS = ("compiled", "compiled_nchw_cat", "compiled_cudnn_bench", "compiled_bf16w_cl")
 CATEGORIES = ("conv", "gemm", "attention", "inductor", "layout", "other")
 
 

@@ -56,19 +56,14 @@ def test_needs_cuda(capsys):
     assert "needs CUDA" in capsys.readouterr().err
 
 
-def test_variants_leave_the_model_alone():
+def test_weight_variants_convert_a_copy_and_leave_the_model_alone():
     model = bf.BerDiff.from_preset("tiny").eval()
     before = {k: (v.dtype, v.stride()) for k, v in model.state_dict().items()}
-    for variant in ("compiled_cl", "compiled_bf16w"):
+    for variant, dtype, channels_last in [("compiled_cl", torch.float32, True),
+                                          ("compiled_bf16w", torch.bfloat16, False),
+                                          ("compiled_bf16w_cl", torch.bfloat16, True)]:
         net = profile_unet.build(variant, model, torch.bfloat16)
         assert net._orig_mod is not model.unet
+        w = net._orig_mod.input_blocks[0][0].weight  # (32, 2, 3, 3)
+        assert w.dtype == dtype and w.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert {k: (v.dtype, v.stride()) for k, v in model.state_dict().items()} == before
-
-
-def test_weight_variants_convert_a_copy():
-    model = bf.BerDiff.from_preset("tiny").eval()
-    net = profile_unet.build("compiled_bf16w_cl", model, torch.bfloat16)._orig_mod
-    w = net.input_blocks[0][0].weight
-    assert w.dtype == torch.bfloat16 and w.is_contiguous(memory_format=torch.channels_last)
-    orig = model.unet.input_blocks[0][0].weight
-    assert orig.dtype == torch.float32 and orig.is_contiguous()
