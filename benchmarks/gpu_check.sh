@@ -62,7 +62,7 @@ step kernels_bool 60 $PY benchmarks/kernels.py --impls triton cuda --mask-dtype 
 step ctest 90 bash -c 'cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
   && cmake --build build/gpu -j "$MAX_JOBS" && ctest --test-dir build/gpu --output-on-failure'
 # Where the U-Net's time goes (kernel categories), in profile_unet.py's default variants (or
-# GPU_CHECK_PROFILE's): as compiled, with the concatenations as plain torch.cat, with cuDNN's
+# GPU_CHECK_PROFILE's): as compiled, without the ChannelsLastConcat pass, with cuDNN's
 # algorithm timing (as the graph sampler), with the weights stored in bf16 and channels_last;
 # Inductor's generated code of each variant comes back as one archive (the lease returns 8 files).
 CODE=$(mktemp -d)

@@ -19,7 +19,8 @@ compile), compiled_cudnn_bench (torch.backends.cudnn.benchmark on while compilin
 up), compiled_cdt (Inductor's coordinate-descent tuning of its Triton kernels' block sizes),
 compiled_autotune (mode
 max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too),
-compiled_nchw_cat (the U-Net's concatenations as plain torch.cat, before unet.cat_channels).
+compiled_nchw_cat (without the sampler's fast.ChannelsLastConcat pass: Inductor lays the decoder's
+concatenations out NCHW). Every compiled variant but that one compiles with the sampler's options.
 The first call's time (compilation, tuning) is reported as compile_seconds, and each variant's
 largest logit difference from the first variant's as max_abs_diff_vs_first_variant (the weights
 are perturbed from their initialisation, whose zeroed last layers would make every output 0).
@@ -42,7 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import berdiff_fast as bf
-import berdiff_fast.unet as unet_module
+from berdiff_fast import fast
 from _timing import capture, time_call  # benchmarks/, the script's folder, is on sys.path
 
 VARIANTS = ("compiled", "compiled_cl", "compiled_bf16w", "compiled_bf16w_cl", "eager", "compiled_cudnn_bench",
@@ -85,11 +86,11 @@ def build(variant, model, dtype):
         net = net.to(dtype)
     if variant == "eager":
         return net
+    options = {} if variant == "compiled_nchw_cat" else fast.inductor_options(
+        fast.COMPILE_MODE_CUDA if variant == "compiled_autotune" else None)
     if variant == "compiled_cdt":
-        return torch.compile(net, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True})
-    if variant == "compiled_autotune":
-        return torch.compile(net, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
-    return torch.compile(net, fullgraph=True, dynamic=False)
+        options["coordinate_descent_tuning"] = True
+    return torch.compile(net, fullgraph=True, dynamic=False, options=options)
 
 
 def breakdown(fn, iters=3):
@@ -175,12 +176,8 @@ def main(argv=None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     first_out = None
-    cat_channels = unet_module.cat_channels
     for variant in variants:
         torch.backends.cudnn.benchmark = variant == "compiled_cudnn_bench"
-        # Read by Dynamo when it traces the forward; kept for the variant's lifetime, since a
-        # change would make the compiled forward's guards fail and recompile.
-        unet_module.cat_channels = (lambda ts: torch.cat(ts, dim=1)) if variant == "compiled_nchw_cat" else cat_channels
         net = build(variant, model, dtype)
         xv = x.to(dtype) if variant.startswith("compiled_bf16w") else x
 
@@ -215,7 +212,6 @@ def main(argv=None) -> dict:
         del g
         torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False
-    unet_module.cat_channels = cat_channels
 
     print(f"\nprofile_unet: {args.preset}, {n} rows, bf16, {report['device']}, {flops / 1e9:.0f} GFLOP/forward "
           f"({100 * conv_flops / flops:.0f}% in convolutions), 50 steps = 50 forwards")

@@ -14,12 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # Inductor's own prim (its freezing pass uses it): a layout requirement it honours
-    import torch._inductor.inductor_prims  # noqa: F401  (registers the op)
-    _force_stride_order = torch.ops.prims.inductor_force_stride_order
-except (ImportError, AttributeError):
-    _force_stride_order = None
-
 
 @dataclass
 class UNetConfig:
@@ -89,25 +83,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(tensors, dim=1)``, stored channels_last when Inductor compiles it.
-
-    Inductor lowers a two-input cat to a pointwise kernel whose layout it chooses later, and the
-    GroupNorm that reads the cat reshapes it to (N, groups, -1), which fixes that layout as NCHW
-    while the convolutions around it run NHWC. Each decoder block then wrote its cat NCHW, read
-    it back transposed and wrote an NHWC copy for its skip convolution. Fixing the strides at the
-    cat keeps the block NHWC (lidc, 16 rows, H200: 8.18 instead of 9.03 ms per forward; see
-    benchmarks/RESULTS.md). Eager, and wherever autograd records (the prim has no derivative):
-    a plain cat.
-    """
-    out = torch.cat(tensors, dim=1)
-    if _force_stride_order is not None and torch.compiler.is_compiling() and out.dim() == 4 \
-            and not out.requires_grad:
-        _, c, _, w = out.shape
-        out = _force_stride_order(out, [out[0].numel(), 1, w * c, c])
-    return out
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -227,14 +202,14 @@ class UNet(nn.Module):
     def forward(self, y_t: torch.Tensor, image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """y_t (B,1,H,W), image (B,C,H,W), t (B,) paper time -> logits (B,1,H,W) of eps_hat."""
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
-        h = cat_channels([y_t.to(image.dtype), image])
+        h = torch.cat([y_t.to(image.dtype), image], dim=1)
         skips = []
         for level in self.input_blocks:
             h = level(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for level in self.output_blocks:
-            h = level(cat_channels([h, skips.pop()]), emb)
+            h = level(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
 
 

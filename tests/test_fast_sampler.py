@@ -111,6 +111,44 @@ def test_compile_mode_choice_and_the_tuning_warning(monkeypatch):
     fast._compiled.pop(model)
 
 
+def test_compile_options_are_the_mode_and_the_concatenation_pass():
+    opts = fast.inductor_options(fast.COMPILE_MODE_CUDA)
+    assert opts["max_autotune"] and opts["coordinate_descent_tuning"]
+    assert isinstance(opts["post_grad_custom_post_pass"], fast.ChannelsLastConcat)
+    assert set(fast.inductor_options(None)) == {"post_grad_custom_post_pass"}
+
+
+def test_compiled_unet_keeps_its_concatenations_channels_last():
+    # On CUDA Inductor lowers a two-input cat to a pointwise kernel whose layout GroupNorm's
+    # reshape used to fix as NCHW (fast.ChannelsLastConcat). The CPU compiler takes the same
+    # lowering with force_pointwise_cat, layout optimisation forced and oneDNN off.
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    net = bf.BerDiff.from_preset("tiny").eval().unet
+    n, s = 2, net.config.image_size
+    x = torch.randn(n, 1, s, s).contiguous(memory_format=torch.channels_last)
+    y, t = (torch.rand(n, 1, s, s) < 0.5).float(), torch.full((n,), 500)
+    compiled = torch.compile(net, fullgraph=True, dynamic=False, options=fast.inductor_options(None))
+    torch._dynamo.reset()
+    with inductor_config.patch(force_pointwise_cat=True, force_layout_optimization=True), \
+            torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, y, x, t)
+        expected = net(y, x, t)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    layouts = []  # of every 4-D activation buffer with more than one channel and column
+    for m in re.finditer(r"empty_strided\w*\(\((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), (\d+), (\d+)\)", code):
+        _, c, h, w, _, sc, sh, sw = map(int, m.groups())
+        if c > 1 and w > 1 and (h, w) != (3, 3):  # not a 3x3 weight
+            layouts.append("nhwc" if (sc, sh, sw) == (1, w * c, c) else "nchw" if (sh, sw) == (w, 1) else "other")
+    assert layouts.count("nhwc") >= 10, layouts  # the pattern still finds the buffers
+    assert "nchw" not in layouts, layouts
+
+
 def test_bad_dtype(cpu_model):
     with pytest.raises(ValueError, match="dtype: expected"):
         bf.sample(cpu_model, torch.randn(1, 1, 16, 16), steps=2, k=1, fast=False, dtype=torch.float64)

@@ -125,34 +125,3 @@ def test_a_first_level_wider_than_model_channels_builds_and_runs():
     m = BerDiff.from_preset("tiny", channel_mult=(2, 2), attention_ds=())
     out = m.unet(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32), torch.tensor([3]))
     assert out.shape == (1, 1, 32, 32)
-
-
-def test_compiled_inference_keeps_the_decoder_concatenations_channels_last():
-    # Inductor's CUDA lowering turns a two-input cat into a pointwise kernel whose layout the
-    # GroupNorm after it used to fix as NCHW (unet.cat_channels). The CPU compiler reproduces
-    # that lowering with force_pointwise_cat and layout optimisation forced, oneDNN off.
-    import re
-
-    import torch._inductor.config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
-    torch.manual_seed(0)
-    net = BerDiff.from_preset("tiny").eval().unet
-    n, s = 2, net.config.image_size
-    x = torch.randn(n, 1, s, s).contiguous(memory_format=torch.channels_last)
-    y, t = (torch.rand(n, 1, s, s) < 0.5).float(), torch.full((n,), 500)
-    torch._dynamo.reset()
-    with inductor_config.patch(force_pointwise_cat=True, force_layout_optimization=True), \
-            torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
-        out, (code, *_) = run_and_get_code(torch.compile(net, fullgraph=True, dynamic=False), y, x, t)
-        expected = net(y, x, t)
-    torch._dynamo.reset()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    # Every 4-D activation buffer with more than one channel and one column.
-    layouts = []
-    for m in re.finditer(r"empty_strided\w*\(\((\d+), (\d+), (\d+), (\d+)\), \((\d+), (\d+), (\d+), (\d+)\)", code):
-        _, c, h, w, _, sc, sh, sw = map(int, m.groups())
-        if c > 1 and w > 1 and (h, w) != (3, 3):  # not a 3x3 weight
-            layouts.append("nhwc" if (sc, sh, sw) == (1, w * c, c) else "nchw" if (sh, sw) == (w, 1) else "other")
-    assert layouts.count("nhwc") >= 10, layouts  # the pattern still finds the buffers
-    assert "nchw" not in layouts, layouts
