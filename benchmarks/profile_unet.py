@@ -17,10 +17,10 @@ weight casts), compiled_bf16w_cl (both: Inductor then has no weight to cast or t
 the sampler's compiled U-Net runs 150 such kernels per lidc forward), eager (bf16 autocast, no
 compile), compiled_cudnn_bench (torch.backends.cudnn.benchmark on while compiling and warming
 up), compiled_cdt (Inductor's coordinate-descent tuning of its Triton kernels' block sizes),
-compiled_autotune (mode
-max-autotune-no-cudagraphs, the library's CUDA default: convolution and GEMM templates tuned too),
-compiled_nchw_cat (without the sampler's fast.ChannelsLastConcat pass: Inductor lays the decoder's
-concatenations out NCHW). Every compiled variant but that one compiles with the sampler's options.
+compiled_autotune (mode max-autotune-no-cudagraphs, the library's CUDA default: convolution and
+GEMM templates tuned too), compiled_nchw_cat (without the sampler's fast.ChannelsLastConcat
+pass: Inductor lays the decoder's concatenations out NCHW). Every compiled variant but that one
+compiles with the sampler's options.
 The first call's time (compilation, tuning) is reported as compile_seconds, and each variant's
 largest logit difference from the first variant's as max_abs_diff_vs_first_variant (the weights
 are perturbed from their initialisation, whose zeroed last layers would make every output 0).
