@@ -65,13 +65,12 @@ class ChannelsLastConcat(CustomGraphPass):
                     or val.dim() != 4 or (node.args[1] if len(node.args) > 1 else 0) % 4 != 1 \
                     or not all(isinstance(d, int) for d in val.shape):
                 continue
-            _, c, h, w = val.shape
-            stride = (c * h * w, 1, w * c, c)
-            with graph.inserting_after(node):
-                cl = graph.call_function(force, (node, stride))
-            node.replace_all_uses_with(cl, delete_user_cb=lambda user: user is not cl)
             with val.fake_mode:
-                cl.meta["val"] = torch.empty_strided(val.shape, stride, dtype=val.dtype, device=val.device)
+                cl_val = val.contiguous(memory_format=torch.channels_last)
+            with graph.inserting_after(node):
+                cl = graph.call_function(force, (node, cl_val.stride()))
+            node.replace_all_uses_with(cl, delete_user_cb=lambda user: user is not cl)
+            cl.meta["val"] = cl_val
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))  # Inductor's cache key: changes with this file
@@ -94,7 +93,7 @@ class CompiledUNet:
     """
 
     def __init__(self, unet: torch.nn.Module, mode: str | None):
-        self.unet, self.mode = unet, mode
+        self.unet = unet
         self.compiled = torch.compile(unet, fullgraph=True, dynamic=False, options=inductor_options(mode))
         self.eager_shapes: set[tuple] = set()
 
